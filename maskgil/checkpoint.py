@@ -1,0 +1,139 @@
+"""Checkpoint directories: `config.json` + `model.safetensors`.
+
+One format for every model in the project (generators, tokenizers, classifiers), so any
+pipeline can load any artefact by path. Loading never unpickles: weights come from safetensors,
+the config from JSON, and the class from a registry keyed by `model_type`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+MODEL_REGISTRY: dict[str, type] = {}
+
+
+def register_model(model_type: str) -> Callable[[type], type]:
+    """Class decorator: make `cls` loadable by `load_pretrained` under `model_type`.
+
+    The class must take its config dataclass as the only constructor argument and expose it as
+    `self.config`; the config class is found as `cls.config_class`.
+    """
+
+    def wrap(cls: type) -> type:
+        if model_type in MODEL_REGISTRY and MODEL_REGISTRY[model_type] is not cls:
+            raise ValueError(f"model_type {model_type!r} registered twice")
+        cls.model_type = model_type
+        MODEL_REGISTRY[model_type] = cls
+        return cls
+
+    return wrap
+
+
+class CheckpointMismatchError(ValueError):
+    """Raised when a state dict does not fit a model; the message lists the first mismatches."""
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], limit: int = 10) -> None:
+    """Raise `CheckpointMismatchError` unless `state_dict` has exactly the model's keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [f"{k}: checkpoint {got[k]} vs model {expected[k]}" for k in expected if k in got and got[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{len(items)} {name}: " + ", ".join(items[:limit]) + more)
+        raise CheckpointMismatchError(f"state dict does not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def config_from_dict(config_class: type, data: Mapping[str, Any]) -> Any:
+    """Build a config dataclass, ignoring unknown keys (forward compatibility) and restoring tuples."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            continue
+        if isinstance(v, list) and "tuple" in str(fields[k].type):
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        kwargs[k] = v
+    return config_class(**kwargs)
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` as a checkpoint directory. `extra` lands in config.json under "extra"."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model_type = getattr(type(model), "model_type", None)
+    if model_type is None:
+        raise TypeError(f"{type(model).__name__} is not registered with @register_model")
+    # safetensors refuses shared storage: clone every tensor into its own contiguous buffer.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"model_type": model_type})
+    os.replace(tmp, path / WEIGHTS_NAME)
+    meta = {"model_type": model_type, "config": config_to_dict(model.config), "extra": dict(extra or {})}
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    cfg = path / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no {CONFIG_NAME})")
+    return json.loads(cfg.read_text())
+
+
+def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu", expected_type: type | None = None):
+    """Load a checkpoint directory written by `save_pretrained` into its registered class."""
+    # Import the model packages so their classes register themselves.
+    import maskgil.models  # noqa: F401
+
+    try:
+        import maskgil.tokenizers  # noqa: F401
+    except ImportError:
+        pass
+    path = Path(path)
+    meta = read_config(path)
+    model_type = meta.get("model_type")
+    if model_type not in MODEL_REGISTRY:
+        raise ValueError(f"{path}: unknown model_type {model_type!r}; known: {sorted(MODEL_REGISTRY)}")
+    cls = MODEL_REGISTRY[model_type]
+    if expected_type is not None and not issubclass(cls, expected_type):
+        raise TypeError(f"{path} holds a {cls.__name__}, expected {expected_type.__name__}")
+    config = config_from_dict(cls.config_class, meta["config"])
+    with torch.device("meta"):
+        model = cls(config)
+    state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
+    check_state_dict(model, state)
+    model.load_state_dict(state, assign=True)
+    # Non-persistent buffers (e.g. RoPE tables) were built on meta: rebuild them for real.
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers(device=map_location)
+    return model.eval()
+
+
+def weights_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a checkpoint's weights file: names the exact tokenizer in token-shard manifests."""
+    h = hashlib.sha256()
+    with open(Path(path) / WEIGHTS_NAME, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
