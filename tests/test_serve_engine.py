@@ -1,0 +1,117 @@
+"""Serving engine without Ray: batched sampling equals the library samplers run per request."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maskgil.models import build_model
+from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
+from maskgil.serving.engine import Job, ar_batch, image_grid, make_generator, maskgit_batch, png_bytes, to_uint8
+
+
+# Smaller than the tiny presets (same vocab, classes, grid) so the suite stays fast on 2 cores.
+SMALL = dict(n_layers=2, n_heads=2, dim=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Under a loaded 2-core machine two intra-op threads make these small ops ~100x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mar():
+    torch.manual_seed(1)
+    return build_model("maskgil-tiny", **SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def ar():
+    torch.manual_seed(2)
+    return build_model("llamagen-tiny", **SMALL).eval()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# Three requests of different sizes and seeds that will share batches.
+REQS = [(torch.tensor([3, 3]), 11), (torch.tensor([5]), 12), (torch.tensor([0, 7]), 13)]
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_maskgit_batch_equals_per_request_sampler(mar, cfg):
+    jobs = [Job(c, make_generator("cpu", s)) for c, s in REQS]
+    got = maskgit_batch(mar, jobs, (8, 8), steps=6, cfg_scale=cfg, top_k=50)
+    for (c, s), tokens in zip(REQS, got):
+        ref = sample_maskgit(mar, c, (8, 8), steps=6, cfg_scale=cfg, top_k=50, generator=gen(s))
+        assert torch.equal(tokens, ref)
+
+
+def test_maskgit_batch_mixed_prefill_lengths(mar):
+    # Jobs with different numbers of pre-filled tokens (fusion requests with different k) share a batch.
+    N, mask = 64, mar.mask_token_id
+    inits = []
+    for (c, s), k in zip(REQS, [0, 40, 63]):
+        t = torch.full((len(c), N), mask)
+        t[:, :k] = torch.randint(0, 512, (len(c), k), generator=gen(100 + k))
+        inits.append(t)
+    jobs = [Job(c, make_generator("cpu", s), t) for (c, s), t in zip(REQS, inits)]
+    got = maskgit_batch(mar, jobs, (8, 8), steps=8)
+    for (c, s), t, tokens in zip(REQS, inits, got):
+        ref = sample_maskgit(mar, c, (8, 8), steps=8, init_tokens=t, generator=gen(s))
+        assert torch.equal(tokens, ref)
+        known = t != mask
+        assert torch.equal(tokens[known], t[known])  # pre-filled tokens never change
+        assert (tokens != mask).all()
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_ar_batch_equals_per_request_sampler(ar, cfg):
+    jobs = [Job(c, make_generator("cpu", s)) for c, s in REQS]
+    got = ar_batch(ar, jobs, (8, 8), num_tokens=20, cfg_scale=cfg, temperature=0.9)
+    for (c, s), tokens in zip(REQS, got):
+        ref = sample_ar(ar, c, (8, 8), cfg_scale=cfg, temperature=0.9, num_tokens=20, generator=gen(s))
+        assert tokens.shape == (len(c), 20)
+        assert torch.equal(tokens, ref)
+
+
+@pytest.mark.parametrize("k", [0, 24, 64])
+def test_fusion_over_two_stages_equals_sample_fusion(ar, mar, k):
+    """AR stage -> generator state -> MAR stage (as the replicas do) == in-process sample_fusion."""
+    c, s = REQS[2]
+    g = make_generator("cpu", s)
+    init = None
+    if k:
+        (prefix,) = ar_batch(ar, [Job(c, g)], (8, 8), num_tokens=k, cfg_scale=2.0)
+        g = make_generator("cpu", state=g.get_state())  # what crosses the replica boundary
+        init = torch.full((len(c), 64), mar.mask_token_id)
+        init[:, :k] = prefix
+    if k == 64:
+        tokens = prefix
+    else:
+        (tokens,) = maskgit_batch(mar, [Job(c, g, init)], (8, 8), steps=4, cfg_scale=2.0)
+    ref = sample_fusion(ar, mar, c, (8, 8), ar_tokens=k, mar_steps=4, cfg_scale=2.0, generator=gen(s))
+    assert torch.equal(tokens, ref)
+
+
+def test_other_grids(mar):
+    jobs = [Job(torch.tensor([1]), make_generator("cpu", 5))]
+    (t,) = maskgit_batch(mar, jobs, (4, 6), steps=3)
+    assert torch.equal(t, sample_maskgit(mar, torch.tensor([1]), (4, 6), steps=3, generator=gen(5)))
+
+
+def test_image_helpers():
+    x = torch.tensor([-1.0, 0.0, 1.0, 0.5]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    u8 = to_uint8(x)
+    assert u8.shape == (1, 2, 2, 3) and u8.dtype == np.uint8
+    assert u8[0, :, :, 0].tolist() == [[0, 128], [255, 191]]  # (v+1)*127.5 rounded: 0, 127.5->128, 255, 191.25
+    imgs = np.arange(5 * 4 * 3 * 3, dtype=np.uint8).reshape(5, 4, 3, 3)
+    grid = image_grid(imgs, pad=1)
+    assert grid.shape == (2 * 4 + 1, 3 * 3 + 2, 3)  # 5 images -> 3 columns x 2 rows
+    assert np.array_equal(grid[5:9, 4:7], imgs[4])  # row 1, col 1
+    back = np.array(Image.open(__import__("io").BytesIO(png_bytes(grid))))
+    assert np.array_equal(back, grid)
