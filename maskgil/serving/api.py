@@ -1,0 +1,121 @@
+"""The HTTP contract of the serving app: request schema, configurable limits, and checks that need
+the loaded models (class count, tokenizer downsample). Pure pydantic, unit-tested without Ray.
+
+Static bounds live in the schema (pydantic -> 422 naming the field); bounds that depend on the
+deployment (limits, model shapes) are checked by `check_request` and raise the same 422 shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+MAX_SEED = 2**63 - 1
+
+
+class Limits(BaseModel):
+    """Per-deployment request limits (serve config `args.limits`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_images: int = Field(16, ge=1)
+    max_steps: int = Field(64, ge=1)
+    max_cfg_scale: float = Field(20.0, ge=0)
+    max_temperature: float = Field(10.0, gt=0)
+    max_resolution: Optional[int] = Field(None, ge=1, description="pixels per side; default 2x the native size")
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate body. Integers are strict: "3", 3.5 and true are rejected, not coerced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_id: StrictInt = Field(..., ge=0, description="class to generate, in [0, num_classes)")
+    cfg_scale: float = Field(2.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale; 1 = off")
+    cfg_schedule: Literal["constant", "linear"] = "constant"
+    steps: StrictInt = Field(8, ge=1, description="MaskGIT steps for the tokens the AR model does not write")
+    ar_share: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                            description="fraction of tokens (raster order) written by the AR model: "
+                                        "0 = pure MAR, 1 = pure AR; k = round(ar_share * h * w)")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    top_k: Optional[StrictInt] = Field(None, ge=1)
+    choice_temperature: float = Field(4.5, ge=0, allow_inf_nan=False, description="MaskGIT confidence noise")
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="omit for a random seed (returned)")
+    num_images: StrictInt = Field(1, ge=1)
+    resolution: Optional[Union[StrictInt, tuple[StrictInt, StrictInt]]] = Field(
+        None, description="image size in pixels, N or [H, W], multiple of the tokenizer's downsample factor")
+    output: Literal["png", "json"] = Field("png", description="png: one image (a grid for several); json: "
+                                                             "base64 PNGs, token ids and per-stage timings")
+
+
+class RequestError(ValueError):
+    """A request that passed the schema but breaks a deployment limit; `field` names the culprit."""
+
+    def __init__(self, field: str, msg: str):
+        super().__init__(f"{field}: {msg}")
+        self.field, self.msg = field, msg
+
+    def detail(self) -> list[dict]:
+        return [{"loc": ["body", self.field], "msg": self.msg, "type": "value_error"}]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the checks need to know about the deployed models."""
+
+    num_classes: int
+    vocab_size: int
+    downsample: int
+    native_grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked request resolved to what the replicas run."""
+
+    grid: tuple[int, int]
+    ar_tokens: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def check_request(req: GenerateRequest, limits: Limits, shape: ModelShape) -> Plan:
+    """Raise RequestError (-> 422) for anything the deployment cannot or will not serve."""
+    if req.class_id >= shape.num_classes:
+        raise RequestError("class_id", f"must be < {shape.num_classes} (the model has {shape.num_classes} classes), "
+                                       f"got {req.class_id}")
+    if req.steps > limits.max_steps:
+        raise RequestError("steps", f"must be <= {limits.max_steps} (server limit), got {req.steps}")
+    if req.cfg_scale > limits.max_cfg_scale:
+        raise RequestError("cfg_scale", f"must be <= {limits.max_cfg_scale} (server limit), got {req.cfg_scale}")
+    if req.temperature > limits.max_temperature:
+        raise RequestError("temperature", f"must be <= {limits.max_temperature} (server limit), got {req.temperature}")
+    if req.num_images > limits.max_num_images:
+        raise RequestError("num_images", f"must be <= {limits.max_num_images} (server limit), got {req.num_images}")
+    if req.top_k is not None and req.top_k > shape.vocab_size:
+        raise RequestError("top_k", f"must be <= the codebook size {shape.vocab_size}, got {req.top_k}")
+    d = shape.downsample
+    native = (shape.native_grid[0] * d, shape.native_grid[1] * d)
+    if req.resolution is None:
+        size = native
+    elif isinstance(req.resolution, int):
+        size = (req.resolution, req.resolution)
+    else:
+        size = tuple(req.resolution)
+    max_side = limits.max_resolution or 2 * max(native)
+    for side in size:
+        if side < d or side % d:
+            raise RequestError("resolution", f"each side must be a positive multiple of the tokenizer's downsample "
+                                             f"factor {d}, got {list(size)}")
+        if side > max_side:
+            raise RequestError("resolution", f"each side must be <= {max_side} px (server limit), got {list(size)}")
+    grid = (size[0] // d, size[1] // d)
+    return Plan(grid=grid, ar_tokens=round_half_up(req.ar_share * grid[0] * grid[1]))
