@@ -1,0 +1,135 @@
+"""Serving without a cluster: request schema and limits, checkpoint resolution, the app builder and
+the Serve config files."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from maskgil.checkpoint import save_pretrained
+from maskgil.models import build_model
+from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request
+from maskgil.tokenizers import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = ModelShape(num_classes=16, vocab_size=512, downsample=8, native_grid=(8, 8))
+SMALL = dict(n_layers=1, n_heads=2, dim=32)
+
+
+def req(**kw):
+    return GenerateRequest.model_validate({"class_id": 1, **kw})
+
+
+def bad_field(body) -> str:
+    with pytest.raises(ValidationError) as e:
+        GenerateRequest.model_validate(body)
+    return e.value.errors()[0]["loc"][0]
+
+
+def test_schema_defaults_and_types():
+    r = req()
+    assert (r.cfg_scale, r.steps, r.ar_share, r.num_images, r.seed, r.output) == (2.0, 8, 0.0, 1, None, "png")
+    assert bad_field({}) == "class_id"
+    assert bad_field({"class_id": "3"}) == "class_id"  # strict ints: no coercion from strings,
+    assert bad_field({"class_id": 3.0}) == "class_id"  # floats
+    assert bad_field({"class_id": True}) == "class_id"  # or booleans
+    assert bad_field({"class_id": -1}) == "class_id"
+    assert bad_field({"class_id": 1, "steps": 0}) == "steps"
+    assert bad_field({"class_id": 1, "ar_share": 1.01}) == "ar_share"
+    assert bad_field({"class_id": 1, "cfg_scale": float("nan")}) == "cfg_scale"
+    assert bad_field({"class_id": 1, "temperature": 0}) == "temperature"
+    assert bad_field({"class_id": 1, "seed": 2**63}) == "seed"
+    assert bad_field({"class_id": 1, "output": "gif"}) == "output"
+    assert bad_field({"class_id": 1, "colour": "red"}) == "colour"  # unknown fields are named, not ignored
+    assert req(resolution=[64, 32]).resolution == (64, 32)
+
+
+def test_limits_and_model_checks():
+    lim = Limits(max_num_images=4, max_steps=16, max_cfg_scale=10, max_resolution=96)
+    cases = [(dict(class_id=16), "class_id"), (dict(steps=17), "steps"), (dict(cfg_scale=10.5), "cfg_scale"),
+             (dict(num_images=5), "num_images"), (dict(top_k=513), "top_k"), (dict(resolution=60), "resolution"),
+             (dict(resolution=[64, 104]), "resolution"), (dict(temperature=11.0), "temperature")]
+    for kw, field in cases:
+        with pytest.raises(RequestError) as e:
+            check_request(req(**kw), lim, SHAPE)
+        assert e.value.field == field and e.value.detail()[0]["loc"] == ["body", field]
+    # Inside the limits: grid = resolution / downsample, k = round-half-up(ar_share * h * w).
+    p = check_request(req(resolution=[96, 48], ar_share=0.5), lim, SHAPE)
+    assert p.grid == (12, 6) and p.ar_tokens == 36
+    assert check_request(req(ar_share=1 / 128), lim, SHAPE).ar_tokens == 1  # 0.5 rounds up
+    assert check_request(req(ar_share=1.0), lim, SHAPE).ar_tokens == 64
+    assert check_request(req(), Limits(), SHAPE).grid == (8, 8)  # default: native size
+    with pytest.raises(RequestError):  # default max_resolution: twice the native 64 px
+        check_request(req(resolution=136), Limits(), SHAPE)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_api")
+    torch.manual_seed(0)
+    save_pretrained(build_model("maskgil-tiny", **SMALL), d / "maskgil")
+    save_pretrained(build_model("llamagen-tiny", **SMALL), d / "llamagen")
+    save_pretrained(build_model("llamagen-tiny", vocab_size=256, **SMALL), d / "llamagen256")
+    build_tokenizer("llamagen-vq-tiny").save_pretrained(d / "tokenizer")
+    return d
+
+
+def test_checkpoint_resolution(ckpts, tmp_path, monkeypatch):
+    from maskgil.serve import app, resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MASKGIL_MAR", "MASKGIL_AR", "MASKGIL_TOKENIZER"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(FileNotFoundError, match="quickstart"):
+        app({})
+    # the quickstart layout relative to the working directory is the default
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(ckpts, target_is_directory=True)
+    (ckpts / "maskgil").rename(ckpts / "maskgil_")
+    try:
+        with pytest.raises(FileNotFoundError, match="mar checkpoint"):
+            resolve_checkpoint("mar", None)
+    finally:
+        (ckpts / "maskgil_").rename(ckpts / "maskgil")
+    assert resolve_checkpoint("mar", None) == str((tmp_path / "runs/quickstart/maskgil").resolve())
+    monkeypatch.setenv("MASKGIL_AR", str(ckpts / "llamagen256"))  # env beats the default
+    assert resolve_checkpoint("ar", None) == str(ckpts / "llamagen256")
+    assert resolve_checkpoint("ar", str(ckpts / "llamagen")) == str(ckpts / "llamagen")  # argument beats env
+
+
+def test_builder_checks_compatibility(ckpts):
+    from ray.serve import Application
+
+    from maskgil.serve import app, model_shape
+
+    shape = model_shape(str(ckpts / "maskgil"), str(ckpts / "llamagen"), str(ckpts / "tokenizer"))
+    assert shape == ModelShape(num_classes=16, vocab_size=512, downsample=8, native_grid=(8, 8))
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        app({"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen256"), "tokenizer": str(ckpts / "tokenizer")})
+    with pytest.raises(ValueError, match="not a masked model"):
+        app({"mar": str(ckpts / "llamagen"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")})
+    with pytest.raises(ValidationError):
+        app({"mar": str(ckpts / "maskgil"), "max_batch_size": 0})
+    built = app({"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")})
+    assert isinstance(built, Application)
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve_gpu.yaml"])
+def test_serve_config_files(name, ckpts):
+    """The config validates against Serve's own schema, binds to loopback, and its args build the app."""
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from maskgil.serve import ServeArgs, app
+
+    raw = yaml.safe_load((ROOT / "ray_configs" / name).read_text())
+    cfg = ServeDeploySchema.model_validate(raw)
+    assert cfg.http_options.host == "127.0.0.1"
+    (a,) = cfg.applications
+    assert a.import_path == "maskgil.serve:app"
+    args = ServeArgs.model_validate(a.args)  # every key is a builder argument (extra keys are refused)
+    assert {d["name"] if isinstance(d, dict) else d.name for d in a.deployments} <= {"ARModel", "MARModel", "Decoder",
+                                                                                     "Fusion"}
+    paths = {"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")}
+    assert isinstance(app(args.model_copy(update=paths)), Application)
