@@ -57,7 +57,7 @@ def server(ckpts, tmp_path_factory):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         cfg = yaml.safe_load((ROOT / "ray_configs" / "serve.yaml").read_text())
         cfg["http_options"]["port"] = HTTP_PORT
