@@ -1,6 +1,9 @@
 """Serving without a cluster: request schema and limits, checkpoint resolution, the app builder and
 the Serve config files."""
+import asyncio
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,3 +136,57 @@ def test_serve_config_files(name, ckpts):
                                                                                      "Fusion"}
     paths = {"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")}
     assert isinstance(app(args.model_copy(update=paths)), Application)
+
+
+class FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
+
+    def __await__(self):
+        if self.outcome == "hang":
+            yield from asyncio.sleep(3600).__await__()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, *outcomes):
+        self.outcomes, self.responses = list(outcomes), []
+
+    def remote(self, item):
+        self.responses.append(FakeResponse(self.outcomes.pop(0)))
+        return self.responses[-1]
+
+
+def test_stage_error_mapping():
+    """The ingress never waits past its deadline, retries a dead replica once, maps overload to 503."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    from maskgil.serve import Fusion, StageError
+
+    stage = Fusion.func_or_class._stage
+    me = SimpleNamespace(timeout=0.2)
+    run = lambda h: asyncio.run(stage(me, "MAR", h, {}))  # noqa: E731
+
+    assert run(FakeHandle({"tokens": 1})) == {"tokens": 1}
+    h = FakeHandle(ActorDiedError(), {"tokens": 2})  # replica died: retried once, same item
+    assert run(h) == {"tokens": 2} and len(h.responses) == 2
+    for outcomes, status, words in [((ActorDiedError(), ActorDiedError()), 503, "MAR replica unavailable"),
+                                    ((BackPressureError(num_queued_requests=9, max_queued_requests=8),), 503, "capacity"),
+                                    (("hang",), 504, "within 0.2 s")]:
+        h = FakeHandle(*outcomes)
+        t0 = time.time()
+        with pytest.raises(StageError) as e:
+            run(h)
+        assert e.value.status == status and words in str(e.value)
+        assert time.time() - t0 < 2
+    assert h.responses[-1].cancelled  # the timed-out call is cancelled, not left running
+    with pytest.raises(ValueError):  # a model error propagates (the endpoint turns it into a 500)
+        run(FakeHandle(ValueError("boom")))
