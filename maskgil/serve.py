@@ -373,7 +373,7 @@ def resolve_checkpoint(role: str, given: str | None) -> str:
     path = given or os.environ.get(ENV[role]) or QUICKSTART[role]
     p = Path(path).expanduser().resolve()
     if not (p / "config.json").is_file():
-        how = "given" if given else (f"from ${ENV[role]}" if os.environ.get(ENV[role]) else "default (quickstart)")
+        how = "given" if given else (f"from ${ENV[role]}" if os.environ.get(ENV[role]) else "the quickstart default")
         raise FileNotFoundError(
             f"no {role} checkpoint at {p} ({how}). Run the quickstart first to create runs/quickstart/, or pass "
             f"`serve run maskgil.serve:app {role}=<checkpoint dir>` / set {ENV[role]}.")
