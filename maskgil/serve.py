@@ -40,6 +40,7 @@ from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestErro
 from maskgil.serving.engine import Job, ar_batch, image_grid, make_generator, maskgit_batch, png_bytes, to_uint8
 
 QUICKSTART = {"mar": "runs/quickstart/maskgil", "ar": "runs/quickstart/llamagen", "tokenizer": "runs/quickstart/tokenizer"}
+MAX_FAILURES_IN_A_ROW = 3
 ENV = {"mar": "MASKGIL_MAR", "ar": "MASKGIL_AR", "tokenizer": "MASKGIL_TOKENIZER"}
 
 
@@ -88,6 +89,7 @@ class _Replica:
         self._run.set_max_batch_size(max_batch_size)
         self._run.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.max_batch_size = max_batch_size
+        self._failures_in_a_row, self._last_error = 0, None
 
     async def __call__(self, item: dict) -> dict:
         """One request; `_run` gathers concurrent calls into batches."""
@@ -109,9 +111,11 @@ class _Replica:
             try:
                 results = await asyncio.to_thread(compute, group)
             except Exception as e:  # noqa: BLE001 - reported to the caller, replica stays up
+                self._failures_in_a_row, self._last_error = self._failures_in_a_row + 1, e
                 for i in idx:
                     out[i] = (False, e)
                 continue
+            self._failures_in_a_row = 0
             ms = (time.perf_counter() - t0) * 1e3
             batch = {"requests": len(group), "rows": sum(it["num_images"] for it in group)}
             for i, r in zip(idx, results):
@@ -124,7 +128,12 @@ class _Replica:
                 "replica_actor": ray.get_runtime_context().get_actor_name()}
 
     def check_health(self):
-        if self.device.type == "cuda":  # a sticky CUDA error surfaces here and gets the replica replaced
+        """Serve replaces the replica when this raises: after MAX_FAILURES_IN_A_ROW failed batches
+        (requests are validated by the ingress, so repeated failures mean a broken replica, e.g. a
+        sticky CUDA error or OOM), or when its GPU no longer runs a kernel."""
+        if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise RuntimeError(f"{self._failures_in_a_row} batches in a row failed; last: {self._last_error!r}")
+        if self.device.type == "cuda":
             torch.ones(1, device=self.device).add_(1).item()
 
 

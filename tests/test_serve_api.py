@@ -190,3 +190,35 @@ def test_stage_error_mapping():
     assert h.responses[-1].cancelled  # the timed-out call is cancelled, not left running
     with pytest.raises(ValueError):  # a model error propagates (the endpoint turns it into a 500)
         run(FakeHandle(ValueError("boom")))
+
+
+def test_replica_health_fails_after_repeated_batch_failures():
+    """Batches are grouped by key, results come back per request in order, and a replica whose
+    batches keep failing reports itself unhealthy (so Serve replaces it); one success resets it."""
+    from maskgil.serve import MAX_FAILURES_IN_A_ROW, _Replica
+
+    class Doubler(_Replica):
+        def __init__(self):
+            self.device, self._failures_in_a_row, self._last_error, self.fail = torch.device("cpu"), 0, None, False
+
+        def compute(self, group):
+            if self.fail:
+                raise RuntimeError("CUDA error: an illegal memory access")
+            return [{"y": 2 * g["x"]} for g in group]
+
+    r = Doubler()
+    items = [{"x": x, "k": x % 2, "num_images": 1} for x in range(5)]
+    out = asyncio.run(r._run_groups(items, lambda it: it["k"], r.compute))
+    assert [v["y"] for ok, v in out] == [0, 2, 4, 6, 8]
+    assert [v["batch"]["requests"] for ok, v in out] == [3, 2, 3, 2, 3]  # two groups: even and odd x
+    r.check_health()
+    r.fail = True
+    for i in range(MAX_FAILURES_IN_A_ROW):
+        r.check_health()  # healthy until the limit is reached
+        out = asyncio.run(r._run_groups(items[:1], lambda it: 0, r.compute))
+        assert out[0][0] is False and "illegal memory" in str(out[0][1])
+    with pytest.raises(RuntimeError, match="batches in a row failed"):
+        r.check_health()
+    r.fail = False
+    asyncio.run(r._run_groups(items[:1], lambda it: 0, r.compute))
+    r.check_health()
