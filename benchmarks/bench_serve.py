@@ -85,6 +85,29 @@ async def run_cell(url: str, body: dict, concurrency: int, n_requests: int, max_
             "model_compute_ms_per_request": round(float(np.mean(compute_per_request)), 1) if batch_sizes else None}
 
 
+def engine_scaling(mar_path: str, batch_sizes=(1, 8, 32), cfg_scale: float = 2.0, repeats: int = 1) -> list[dict]:
+    """Model compute alone (no Serve), one thread: ms per request when B requests share each
+    forward. The ratio at B=1 vs B=32 bounds what batching can buy on this hardware."""
+    import torch
+
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.serving.engine import Job, make_generator, maskgit_batch
+
+    torch.set_num_threads(1)
+    model = load_pretrained(mar_path)
+    grid = tuple(model.config.grid_size)
+    jobs = lambda B: [Job(torch.tensor([i % 16]), make_generator("cpu", i)) for i in range(B)]  # noqa: E731
+    maskgit_batch(model, jobs(1), grid, steps=8, cfg_scale=cfg_scale)  # warm-up
+    out = []
+    for B in batch_sizes:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            maskgit_batch(model, jobs(B), grid, steps=8, cfg_scale=cfg_scale)
+        ms = (time.perf_counter() - t0) / repeats * 1e3
+        out.append({"batch_requests": B, "batch_ms": round(ms, 1), "ms_per_request": round(ms / B, 1)})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mar"), p.add_argument("--ar"), p.add_argument("--tokenizer")
@@ -114,11 +137,13 @@ def main():
     paths = {"mar": a.mar, "ar": a.ar, "tokenizer": a.tokenizer}
     if not all(paths.values()):
         paths = tiny_checkpoints(Path(tmp.name))
+    report_scaling = engine_scaling(paths["mar"], cfg_scale=a.cfg_scale)
+    print(json.dumps({"engine_scaling_mar": report_scaling}), file=sys.stderr, flush=True)
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     url = f"http://127.0.0.1:{a.port}/generate"
     report = {"setup": {"cpus_visible": os.cpu_count(), "load_avg_start": os.getloadavg(), **vars(a), **paths},
-              "cells": []}
+              "engine_scaling_mar": report_scaling, "cells": []}
 
     def deploy(batch: int, decoder: str):
         serve.run(app({**paths, "max_batch_size": batch, "decoder": decoder, "max_ongoing_requests": 64,
