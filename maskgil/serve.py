@@ -74,10 +74,35 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _model_info(path: str, model, device) -> dict:
+# Fields that make two configs the same architecture (training-only knobs like dropout excluded).
+GENERATOR_SHAPE = ("dim", "n_layers", "n_heads", "causal", "rope", "qk_norm", "post_norm", "multiple_of")
+TOKENIZER_SHAPE = ("ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "attn_at_lowest", "mid_attn",
+                   "norm_groups", "codebook_size", "codebook_dim", "l2_norm")
+
+
+def matching_preset(config: dict, tokenizer: bool = False) -> str | None:
+    """Name of the library preset with the same architecture as `config`, if any."""
+    if tokenizer:
+        from maskgil.tokenizers import TOKENIZER_PRESETS as presets
+
+        fields, configs = TOKENIZER_SHAPE, {n: c for n, (_, c) in presets.items()}
+    else:
+        from maskgil.models import PRESETS, preset_config
+
+        fields, configs = GENERATOR_SHAPE, {n: preset_config(n) for n in PRESETS}
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 - JSON turns tuples into lists
+    for name, c in configs.items():
+        d = dataclasses.asdict(c)
+        if all(f in d and f in config and norm(d[f]) == norm(config[f]) for f in fields):
+            return name
+    return None
+
+
+def _model_info(path: str, model, device, tokenizer: bool = False) -> dict:
     meta = read_config(path)
-    return {"path": path, "model_type": meta["model_type"], "config": meta["config"], "device": str(device),
-            "parameters": sum(p.numel() for p in model.parameters()), "weights_sha256": weights_hash(path)}
+    return {"path": path, "model_type": meta["model_type"], "preset": matching_preset(meta["config"], tokenizer),
+            "config": meta["config"], "device": str(device), "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_sha256": weights_hash(path)}
 
 
 class _Replica:
@@ -210,11 +235,8 @@ class TokenDecoder:
 
         self.device = device
         self.tokenizer = load_tokenizer(path, map_location=device)
-        meta = read_config(path)
-        self.info = {"path": path, "model_type": meta["model_type"], "config": meta["config"], "device": str(device),
-                     "codebook_size": self.tokenizer.codebook_size, "downsample": self.tokenizer.downsample,
-                     "parameters": sum(p.numel() for p in self.tokenizer.parameters()),
-                     "weights_sha256": weights_hash(path)}
+        self.info = {**_model_info(path, self.tokenizer, device, tokenizer=True),
+                     "codebook_size": self.tokenizer.codebook_size, "downsample": self.tokenizer.downsample}
 
     def decode(self, item: dict) -> dict:
         codes = item["tokens"].view(-1, *item["grid"])  # (n, h, w)

@@ -221,6 +221,7 @@ def test_health_models_openapi(client, server):
     assert m["mar"]["config"]["causal"] is False and m["ar"]["config"]["causal"] is True
     assert m["num_classes"] == 16 and m["codebook_size"] == 512 and m["native_resolution"] == [64, 64]
     assert m["limits"]["max_steps"] == 16
+    assert m["tokenizer"]["preset"] == "llamagen-vq-tiny" and m["mar"]["preset"] is None  # SMALL is no preset
     import hashlib
     assert m["mar"]["weights_sha256"] == hashlib.sha256((ck / "maskgil" / "model.safetensors").read_bytes()).hexdigest()
     spec = client.get("/openapi.json").json()

@@ -222,3 +222,19 @@ def test_replica_health_fails_after_repeated_batch_failures():
     r.fail = False
     asyncio.run(r._run_groups(items[:1], lambda it: 0, r.compute))
     r.check_health()
+
+
+def test_matching_preset():
+    import dataclasses
+
+    from maskgil.models import preset_config
+    from maskgil.serve import matching_preset
+    from maskgil.tokenizers import TOKENIZER_PRESETS
+
+    for name in ("maskgil-tiny", "llamagen-tiny", "maskgil-b", "llamagen-xl"):
+        cfg = dataclasses.asdict(preset_config(name, vocab_size=1024, num_classes=10))  # vocab/classes are free
+        assert matching_preset(cfg) == name
+    assert matching_preset(dataclasses.asdict(preset_config("maskgil-b", n_layers=11))) is None
+    assert matching_preset(dataclasses.asdict(preset_config("maskgil-b", post_norm=False))) is None
+    for name in ("llamagen-vq", "llamagen-vq-tiny", "vqgan-chameleon"):
+        assert matching_preset(dataclasses.asdict(TOKENIZER_PRESETS[name][1]), tokenizer=True) == name
