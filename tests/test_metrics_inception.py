@@ -44,10 +44,12 @@ def test_resize_matches_fid_helper_nv_bilinear():
 def test_uint8_and_float_inputs_preprocess_identically(images):
     as_float = images.float() / 127.5 - 1
     torch.testing.assert_close(preprocess(images), preprocess(as_float))
+    torch.testing.assert_close(preprocess(images), preprocess(images.permute(0, 2, 3, 1).numpy()))  # NHWC
     out = preprocess(images)
     assert out.shape == (3, 3, 299, 299) and out.min() >= -1 and out.max() <= 127 / 128
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_features_match_fid_helper_pipeline(extractor, images):
     helper = fid_helper.FidHelper(device="cpu")  # its defaults: TF input range, nv_bilinear resize
     expected = helper.extract_feats(images, data_range=(0, 255), resize_hw=(299, 299),
@@ -110,4 +112,4 @@ def test_bad_images_are_refused(extractor):
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         extractor.features(torch.rand(1, 3, 8, 8) * 255)
     with pytest.raises(ValueError, match="N x 3 x H x W"):
-        extractor.features(torch.zeros(1, 8, 8, 3, dtype=torch.uint8))
+        extractor.features(torch.zeros(1, 8, 8, 4, dtype=torch.uint8))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maskgil.metrics.images import to_uint8_grid
+
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008  # the 2015-12-05 graph has 1008 outputs (1000 ImageNet classes + 8 unused)
@@ -34,25 +36,6 @@ TORCH_FIDELITY_SHA256_PREFIX = "6726825d"
 
 
 # ----------------------------------------------------------------------------------- preprocessing
-
-def to_uint8_range(images) -> torch.Tensor:
-    """NCHW uint8 (0..255) or float in [-1, 1] -> float32 NCHW on the 0..255 grid (rounded)."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor or numpy array of images, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected RGB images as N x 3 x H x W, got shape {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.float()
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 (0..255) or float in [-1, 1], got {images.dtype}")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"float images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    # Quantise like the uint8 path (fid-helper's quant=True; torch-fidelity only takes uint8).
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255)
-
 
 def resize_tf1_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize as TF1's `resize_bilinear(align_corners=False)`: source = dest * in / out.
@@ -79,8 +62,8 @@ def resize_tf1_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def preprocess(images) -> torch.Tensor:
-    """Images (uint8 or [-1, 1], any size) -> (N, 3, 299, 299) float32 in [-1, 0.9921875]."""
-    x = to_uint8_range(images)
+    """Images (uint8 or [-1, 1], NCHW or NHWC, any size) -> (N, 3, 299, 299) float32 in [-1, 0.9921875]."""
+    x = to_uint8_grid(images)  # (N, 3, H, W), quantised like fid-helper's quant=True / torch-fidelity's uint8
     x = resize_tf1_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))
     return (x - 128.0) / 128.0
 
@@ -331,7 +314,7 @@ class InceptionFeatureExtractor:
         return feats, (torch.cat(logits).numpy() if logits else np.zeros((0, NUM_LOGITS), np.float32))
 
     def features(self, images) -> np.ndarray:
-        """(N, 3, H, W) uint8 or [-1, 1] float -> (N, 2048) float32 pool3 features."""
+        """(N, 3, H, W) or (N, H, W, 3), uint8 or [-1, 1] float -> (N, 2048) float32 pool3 features."""
         return self._run(images, want_logits=False)
 
     def features_and_logits(self, images) -> tuple[np.ndarray, np.ndarray]:
