@@ -6,6 +6,7 @@ from maskgil.metrics.fid import (
     FeatureStats,
     fid_from_stats,
     frechet_distance,
+    frechet_distance_from_features,
     load_adm_reference,
 )
 
@@ -127,3 +128,16 @@ def test_moments_without_a_count_work_but_do_not_merge():
         FeatureStats(3, "n").merge(s)
     with pytest.raises(ValueError, match="sample count"):
         s.update(rng.normal(size=(4, 3)))
+
+
+def test_fid_from_features_equals_sqrtm_route():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    y = rng.normal(size=(25, 6)) * 0.7 + 1.0
+    sx, sy = FeatureStats.from_features(x), FeatureStats.from_features(y)
+    expected = frechet_distance(sx.mu, sx.sigma, sy.mu, sy.sigma)
+    assert frechet_distance_from_features(x, y) == pytest.approx(expected, rel=1e-9)
+    # Fewer samples than dimensions: still exact; identical sets give 0; a shift gives its square.
+    z = rng.normal(size=(12, 64))
+    assert frechet_distance_from_features(z, z) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance_from_features(z + 0.5, z) == pytest.approx(64 * 0.25, rel=1e-9)
