@@ -8,6 +8,7 @@ from maskgil.metrics.fid import (
     frechet_distance,
     frechet_distance_from_features,
     load_adm_reference,
+    save_adm_samples,
 )
 
 
@@ -141,3 +142,17 @@ def test_fid_from_features_equals_sqrtm_route():
     z = rng.normal(size=(12, 64))
     assert frechet_distance_from_features(z, z) == pytest.approx(0.0, abs=1e-9)
     assert frechet_distance_from_features(z + 0.5, z) == pytest.approx(64 * 0.25, rel=1e-9)
+
+
+def test_adm_samples_export(tmp_path):
+    import torch
+
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.0]).repeat(2, 3, 2, 1)  # (2, 3, 2, 5) NCHW in [-1, 1]
+    path = save_adm_samples(tmp_path / "samples.npz", x, labels=[3, 7])
+    with np.load(path) as z:
+        arr, labels = z["arr_0"], z["arr_1"]
+    assert arr.dtype == np.uint8 and arr.shape == (2, 2, 5, 3)
+    np.testing.assert_array_equal(arr[0, 0, :, 0], [0, 64, 128, 255, 255])  # round((x + 1) * 127.5)
+    np.testing.assert_array_equal(labels, [3, 7])
+    with pytest.raises(ValueError, match="labels"):
+        save_adm_samples(tmp_path / "bad.npz", x, labels=[1])

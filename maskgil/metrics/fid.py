@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import torch
 
 # The feature network behind the precomputed mu/sigma of the ADM reference batches: the TF graph
 # of Inception-v3 (2015-12-05), pool_3, run by guided-diffusion's evaluator.
@@ -234,3 +235,24 @@ def _npz_array_length(path: str, key: str) -> int:
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read_header(f)
     return int(shape[0]) if shape else 0
+
+
+def save_adm_samples(path: str | os.PathLike, images, labels=None) -> Path:
+    """Write samples as ADM's evaluator reads them: `arr_0` uint8 NHWC (+ `arr_1` labels).
+
+    images: uint8 or [-1, 1] float, NCHW or NHWC (floats are rounded to the 0..255 grid).
+    """
+    from maskgil.metrics.images import to_uint8_grid
+
+    arr = to_uint8_grid(images).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3)
+    arrays = {"arr_0": arr}
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(arr),):
+            raise ValueError(f"expected {len(arr)} labels, got shape {labels.shape}")
+        arrays["arr_1"] = labels
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
