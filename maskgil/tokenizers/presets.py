@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from maskgil.tokenizers.base import ImageTokenizer
+from maskgil.tokenizers.lfq import LFQConfig, LFQTokenizer
 from maskgil.tokenizers.vq import VQConfig, VQTokenizer
 
 _TINY_CONV = dict(ch=16, ch_mult=(1, 2, 4, 4), enc_res_blocks=1, dec_res_blocks=2, z_channels=32, norm_groups=8)
@@ -27,6 +28,10 @@ TOKENIZER_PRESETS: dict[str, tuple[type, Any]] = {
     "vqgan-chameleon": (VQTokenizer, VQConfig(codebook_size=8192, codebook_dim=256, l2_norm=False)),
     "vqgan-chameleon-tiny": (VQTokenizer, VQConfig(**_TINY_CONV, codebook_size=1024, codebook_dim=32,
                                                    l2_norm=False, usage_window=8192)),
+    "lfq-magvit2": (LFQTokenizer, LFQConfig()),
+    # 12 bits = 4,096 implicit codes (factorise as (6, 6)); the full preset's 18 bits also run at 64 px.
+    "lfq-magvit2-tiny": (LFQTokenizer, LFQConfig(ch=16, ch_mult=(1, 2, 4, 4), enc_res_blocks=1, dec_res_blocks=2,
+                                                 norm_groups=8, bits=12, usage_window=8192)),
 }
 
 

@@ -88,6 +88,7 @@ class VectorQuantizer(nn.Module):
         }
         if self.training:
             self.record_usage(codes)
+            self.last_inputs = flat.detach()  # for dead-code restarts (not state)
         z_q = z + (z_q - z).detach()  # straight-through
         return z_q, losses, codes.view(B, h, w)
 
@@ -96,6 +97,24 @@ class VectorQuantizer(nn.Module):
         n = min(codes.numel(), self.codebook_used.numel())
         ids = codes.reshape(-1)[-n:].to(self.codebook_used.dtype)
         self.codebook_used.copy_(torch.cat([self.codebook_used[n:], ids]))
+
+    @torch.no_grad()
+    def restart_dead_codes(self, dead: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """Move codes flagged in `dead` (bool (K,)) onto randomly drawn recent encoder outputs.
+
+        Codes no input picks get no codebook gradient and stay dead forever; re-seeding them where the
+        data is keeps the codebook in use (a standard VQ training trick). Returns how many moved.
+        """
+        inputs = getattr(self, "last_inputs", None)
+        n = int(dead.sum())
+        if inputs is None or n == 0:
+            return 0
+        pick = torch.randint(0, inputs.shape[0], (n,), generator=generator, device="cpu").to(inputs.device)
+        new = inputs[pick]
+        if self.l2_norm:
+            new = F.normalize(new, dim=-1)
+        self.embedding.weight[dead.to(self.embedding.weight.device)] = new.to(self.embedding.weight.dtype)
+        return n
 
     def usage(self) -> float:
         """Fraction of the codebook seen in the usage window (training forward passes)."""
