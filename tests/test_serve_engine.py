@@ -22,16 +22,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Plain heads, and factorised tokens (512 = 2^5 x 2^4 codes as two sub-token heads).
+@pytest.fixture(scope="module", params=[(), (5, 4)], ids=["plain", "factorised"])
+def factorization(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def mar():
+def mar(factorization):
     torch.manual_seed(1)
-    return build_model("maskgil-tiny", **SMALL).eval()
+    return build_model("maskgil-tiny", factorization=factorization, **SMALL).eval()
 
 
 @pytest.fixture(scope="module")
-def ar():
+def ar(factorization):
     torch.manual_seed(2)
-    return build_model("llamagen-tiny", **SMALL).eval()
+    return build_model("llamagen-tiny", factorization=factorization, **SMALL).eval()
 
 
 def gen(seed):

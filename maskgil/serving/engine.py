@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskgil.sampling.logits import cfg_combine, cfg_scale_at, filter_logits, sample_from_logits
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 from maskgil.sampling.maskgit import guided_logits, gumbel_noise
 from maskgil.sampling.schedules import masked_after_steps
 
@@ -87,20 +87,18 @@ def maskgit_batch(model, jobs: list[Job], grid: tuple[int, int], steps: int = 8,
         progress = (i + 1) / steps
         x = torch.cat([tokens[k] for k in active])  # (B_active, N)
         c = torch.cat([conds[k] for k in active])
-        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule))
-        logits = filter_logits(logits, temperature, top_k)  # (B_active, N, V)
+        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule))  # (B_active, N, V)
         for k, sl in zip(active, _slices([jobs[k] for k in active])):
-            tokens[k] = _reveal(tokens[k], logits[sl], plans[k][:, i], mask_id, progress, choice_temperature,
-                                jobs[k].generator)
+            g = jobs[k].generator
+            sampled, logp = sample_tokens(model, logits[sl], temperature, top_k, generator=g)  # (n, N) each
+            tokens[k] = _reveal(tokens[k], sampled, logp, plans[k][:, i], mask_id, progress, choice_temperature, g)
     return tokens
 
 
-def _reveal(tokens, logits, still_masked, mask_id, progress, choice_temperature, generator):
-    """One MaskGIT step for one request: sample every unknown token, keep the most confident."""
+def _reveal(tokens, sampled, logp, still_masked, mask_id, progress, choice_temperature, generator):
+    """One MaskGIT step for one request: of the sampled unknown tokens, keep the most confident."""
     B, N = tokens.shape
     unknown = tokens == mask_id
-    sampled = sample_from_logits(logits, generator)  # (B, N)
-    logp = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)
     noise = gumbel_noise((B, N), generator, tokens.device) * (choice_temperature * (1.0 - progress))
     confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))
     n_reveal = unknown.sum(1) - still_masked  # (B,)
@@ -136,8 +134,8 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
         for pos in range(num_tokens):
             scale = cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)
             l = cfg_combine(logits[:B], logits[B:], scale) if use_cfg else logits
-            l = filter_logits(l, temperature, top_k, top_p)  # (B, V)
-            tok = torch.cat([sample_from_logits(l[sl], j.generator) for j, sl in zip(jobs, slices)])  # (B,)
+            tok = torch.cat([sample_tokens(model, l[sl], temperature, top_k, top_p, j.generator)[0]
+                             for j, sl in zip(jobs, slices)])  # (B,)
             out.append(tok)
             if pos + 1 < num_tokens:
                 logits = model.decode_tokens(torch.cat([tok] * rows)[:, None], pos, grid)
