@@ -1,0 +1,386 @@
+"""LLaMA block stack for image tokens: MaskGIL (bidirectional) and LlamaGen-style AR (causal).
+
+One model class; the paper's design choices are config flags so its ablations can be rerun:
+`causal`, `rope` (2d | 1d | none), `qk_norm` (layernorm | rmsnorm | none), `post_norm`.
+
+Sequence layout: [prefix tokens (class embedding, or projected text features); h*w image tokens].
+`forward` returns logits aligned with image positions for both kinds:
+- bidirectional: logits[:, i] predicts token i from every visible token (unknown ones = mask id);
+- causal: the input is [prefix; tokens[:-1]] and logits[:, i] predicts token i from tokens < i.
+
+Module names follow LlamaGen's GPT (`tok_embeddings`, `layers.{i}.attention.wqkv`,
+`feed_forward.w1/w2/w3`, `attention_norm`, `ffn_norm`, `norm`, `output`,
+`cls_embedding.embedding_table`) so its checkpoints load by key name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maskgil.checkpoint import register_model
+from maskgil.models.rope import apply_rope, rope_table
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256) -> int:
+    """SwiGLU hidden size: 8/3 * dim rounded up to a multiple of `multiple_of` (LLaMA / LlamaGen)."""
+    hidden = int(2 * (4 * dim) / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    vocab_size: int = 16384  # codebook size; masked models get one extra input row: mask id = vocab_size
+    num_classes: int = 1000  # class conditioning with a null row at index num_classes (CFG)
+    cond: str = "class"  # "class" | "text"
+    text_dim: int = 0  # width of text-encoder features (cond == "text")
+    text_len: int = 0  # text prefix length (cond == "text")
+    causal: bool = False
+    rope: str = "2d"  # "2d" | "1d" | "none"
+    rope_theta: float = 10000.0
+    qk_norm: str = "layernorm"  # "layernorm" | "rmsnorm" | "none"
+    post_norm: bool = True
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    class_dropout: float = 0.1  # probability of the null condition in training (CFG)
+    dropout: float = 0.0  # residual / attention dropout
+    token_dropout: float = 0.0  # dropout on input embeddings (LlamaGen uses 0.1)
+    grid_size: tuple[int, int] = (16, 16)  # default token grid; any grid works at run time
+    llamagen_compat: bool = False  # LlamaGen quirk: zero (not identity) rotary rows at prefix positions
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} not divisible by n_heads {self.n_heads}")
+        if self.rope not in ("2d", "1d", "none"):
+            raise ValueError(f"rope must be 2d/1d/none, got {self.rope!r}")
+        if self.qk_norm not in ("layernorm", "rmsnorm", "none"):
+            raise ValueError(f"qk_norm must be layernorm/rmsnorm/none, got {self.qk_norm!r}")
+        if self.cond not in ("class", "text"):
+            raise ValueError(f"cond must be class/text, got {self.cond!r}")
+        if self.cond == "text" and (self.text_dim <= 0 or self.text_len <= 0):
+            raise ValueError("text conditioning needs text_dim > 0 and text_len > 0")
+        self.grid_size = tuple(self.grid_size)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def prefix_len(self) -> int:
+        return 1 if self.cond == "class" else self.text_len
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return None if self.causal else self.vocab_size
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class HeadNorm(nn.Module):
+    """QK-Norm: normalise each head's q or k over head_dim, with per-head affine weights."""
+
+    def __init__(self, n_heads: int, head_dim: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, 1, head_dim)) if kind == "layernorm" else None
+
+    def forward(self, x):  # x: (B, H, L, Dh)
+        xf = x.float()
+        if self.kind == "layernorm":
+            xf = F.layer_norm(xf, xf.shape[-1:], eps=self.eps)
+            return (xf * self.weight + self.bias).type_as(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for AR decoding: (B, H, max_len, Dh), written in place."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        if cfg.qk_norm != "none":
+            self.q_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm, cfg.norm_eps)
+            self.k_norm = HeadNorm(cfg.n_heads, cfg.head_dim, cfg.qk_norm, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.dropout = cfg.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_start: int | None = None):
+        # x: (B, L, D); rope: (L, Dh/2, 2) for these positions; attn_mask: bool, True = may attend
+        B, L, D = x.shape
+        q, k, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        if self.q_norm is not None:  # QK-Norm before RoPE (Chameleon placement)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache_start is not None:
+            k, v = self.kv_cache.update(cache_start, k, v)  # (B, H, start+L, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, L, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        hidden = ffn_hidden_dim(cfg.dim, cfg.multiple_of)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm LLaMA block; with `post_norm` also a norm on each branch output (sandwich)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.post_norm:
+            self.attention_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.ffn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        else:
+            self.attention_post_norm = self.ffn_post_norm = None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_start=None):
+        h = self.attention(self.attention_norm(x), rope, attn_mask, is_causal, cache_start)
+        if self.attention_post_norm is not None:
+            h = self.attention_post_norm(h)
+        x = x + self.drop(h)
+        h = self.feed_forward(self.ffn_norm(x))
+        if self.ffn_post_norm is not None:
+            h = self.ffn_post_norm(h)
+        return x + self.drop(h)
+
+
+class ClassEmbedding(nn.Module):
+    """Class table with a null row (index num_classes) used for CFG's unconditional branch."""
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes, self.dropout = num_classes, dropout
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels, drop=None):  # labels (B,) -> (B, 1, D)
+        if labels.dtype.is_floating_point or labels.dim() != 1:
+            raise ValueError(f"class conditioning expects integer labels (B,), got {labels.dtype} {tuple(labels.shape)}")
+        if ((labels < 0) | (labels > self.num_classes)).any():
+            raise ValueError(f"class ids must be in [0, {self.num_classes}] ({self.num_classes} = null)")
+        if drop is None and self.training and self.dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)[:, None]
+
+
+class TextProjection(nn.Module):
+    """Projects text-encoder features into prefix tokens; a learned null sequence serves CFG."""
+
+    def __init__(self, text_dim: int, text_len: int, dim: int, dropout: float):
+        super().__init__()
+        self.text_len, self.dropout = text_len, dropout
+        self.mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.null_text = nn.Parameter(torch.randn(text_len, text_dim) * 0.02)
+
+    def forward(self, feats, drop=None):  # feats (B, L, text_dim) -> (B, text_len, D)
+        if not feats.dtype.is_floating_point or feats.dim() != 3:
+            raise ValueError(f"text conditioning expects float features (B, L, text_dim), got {tuple(feats.shape)}")
+        B, L, _ = feats.shape
+        if L > self.text_len:
+            raise ValueError(f"text has {L} tokens, model prefix holds {self.text_len}")
+        if L < self.text_len:
+            feats = F.pad(feats, (0, 0, 0, self.text_len - L))
+        if drop is None and self.training and self.dropout > 0:
+            drop = torch.rand(B, device=feats.device) < self.dropout
+        if drop is not None:
+            feats = torch.where(drop[:, None, None], self.null_text.to(feats.dtype).expand_as(feats), feats)
+        return self.mlp(feats)
+
+
+@register_model("llama")
+class LlamaGenerator(nn.Module):
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = cfg = config
+        n_in = cfg.vocab_size + (0 if cfg.causal else 1)  # + mask token for masked models
+        self.tok_embeddings = nn.Embedding(n_in, cfg.dim)
+        if cfg.cond == "class":
+            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout)
+        else:
+            self.text_projection = TextProjection(cfg.text_dim, cfg.text_len, cfg.dim, cfg.class_dropout)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._rope_cache: dict = {}
+        if not any(p.is_meta for p in self.parameters()):
+            self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.config.mask_token_id
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+
+    def reset_buffers(self, device=None):
+        self._rope_cache = {}
+
+    def rope(self, grid: tuple[int, int], device) -> torch.Tensor | None:
+        """cos/sin table for [prefix; grid], cached per (grid, device)."""
+        key = (tuple(grid), str(device))
+        if key not in self._rope_cache:
+            c = self.config
+            self._rope_cache[key] = rope_table(c.rope, c.head_dim, grid[0], grid[1], c.prefix_len, c.rope_theta,
+                                               zero_prefix=c.llamagen_compat, device=device)
+        return self._rope_cache[key]
+
+    def embed_condition(self, cond, drop=None):
+        """cond: (B,) class ids or (B, L, text_dim) features -> prefix embeddings (B, P, D)."""
+        if self.config.cond == "class":
+            return self.cls_embedding(cond, drop)
+        return self.text_projection(cond, drop)
+
+    def _check_tokens(self, tokens, grid):
+        h, w = grid
+        if tokens.dim() != 2 or tokens.shape[1] != h * w:
+            raise ValueError(f"tokens must be (B, {h * w}) for grid {h}x{w}, got {tuple(tokens.shape)}")
+
+    # ------------------------------------------------------------------ training / full forward
+    def forward(self, tokens, cond, grid: tuple[int, int] | None = None, drop_cond=None, text_mask=None,
+                return_hidden: bool = False):
+        """tokens (B, h*w) long (mask id at unknown positions for masked models), cond (B,) or (B, L, Dt).
+
+        Returns logits (B, h*w, vocab) aligned with image positions (see module docstring)."""
+        grid = tuple(grid or self.config.grid_size)
+        self._check_tokens(tokens, grid)
+        B, N = tokens.shape
+        P = self.config.prefix_len
+        prefix = self.embed_condition(cond, drop_cond)  # (B, P, D)
+        body = tokens[:, :-1] if self.config.causal else tokens  # causal: token i is predicted at i-1
+        x = torch.cat([prefix, self.tok_embeddings(body)], dim=1)  # (B, L, D); L = P + N (- 1 if causal)
+        x = self.tok_dropout(x)
+        L = x.shape[1]
+        rope = self.rope(grid, x.device)
+        rope = rope[:L] if rope is not None else None
+        mask = self._attn_mask(B, L, text_mask, x.device)
+        for layer in self.layers:
+            x = layer(x, rope, attn_mask=mask, is_causal=self.config.causal)
+        h = self.norm(x)[:, P - 1:P - 1 + N] if self.config.causal else self.norm(x)[:, P:]  # (B, N, D)
+        logits = self.output(h).float()  # (B, N, V)
+        return (logits, h) if return_hidden else logits
+
+    def _attn_mask(self, B, L, text_mask, device):
+        """Boolean mask (True = attend) or None; hides padded text prefix tokens as keys."""
+        if text_mask is None:
+            return None
+        P = self.config.prefix_len
+        keys = torch.ones(B, L, dtype=torch.bool, device=device)
+        keys[:, : text_mask.shape[1]] = text_mask.bool()
+        keys[:, P - 1] |= ~keys[:, :P].any(1)  # never leave a row with no key
+        mask = keys[:, None, None, :]  # (B, 1, 1, L)
+        if self.config.causal:
+            mask = mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        return mask
+
+    # ------------------------------------------------------------------ AR decoding with a KV cache
+    def setup_kv_cache(self, batch_size: int, grid: tuple[int, int], dtype=None, device=None):
+        """Allocate a cache for [prefix; h*w] positions. Only for causal models."""
+        if not self.config.causal:
+            raise RuntimeError("KV caching is for causal models; masked models decode in parallel")
+        p = next(self.parameters())
+        L = self.config.prefix_len + grid[0] * grid[1]
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, self.config.n_heads, L, self.config.head_dim,
+                                               dtype or p.dtype, device or p.device)
+
+    def clear_kv_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def _cached_forward(self, x, start: int, grid, text_mask=None):
+        """Run embeddings x (B, T, D) at sequence positions [start, start+T) through the cached stack."""
+        B, T, _ = x.shape
+        rope = self.rope(grid, x.device)
+        rope = rope[start:start + T] if rope is not None else None
+        mask = None
+        if T > 1 or text_mask is not None:
+            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+            mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos  # (T, start+T) causal
+            mask = mask[None, None].expand(B, 1, T, start + T).clone()
+            if text_mask is not None:
+                n = text_mask.shape[1]
+                mask[..., :n] &= text_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, rope, attn_mask=mask, cache_start=start)
+        return self.output(self.norm(x[:, -1])).float()  # (B, V): logits for the next token
+
+    @torch.no_grad()
+    def prefill(self, cond, grid, drop_cond=None, text_mask=None):
+        """Write the prefix into the cache; returns logits (B, V) for image token 0."""
+        self._text_mask = text_mask
+        return self._cached_forward(self.embed_condition(cond, drop_cond), 0, grid, text_mask)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens, start_index: int, grid):
+        """Feed image tokens (B, T) at image positions [start_index, start_index+T) into the cache.
+
+        Returns logits (B, V) predicting image token start_index + T."""
+        x = self.tok_embeddings(tokens)
+        return self._cached_forward(x, self.config.prefix_len + start_index, grid, getattr(self, "_text_mask", None))

@@ -1,0 +1,49 @@
+"""Autoregressive raster-order decoding with a preallocated KV cache (LlamaGen-style AR)."""
+from __future__ import annotations
+
+import torch
+
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, filter_logits, sample_from_logits
+
+
+@torch.no_grad()
+def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float = 1.0,
+              cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
+              top_p: float | None = None, prefix_tokens: torch.Tensor | None = None, num_tokens: int | None = None,
+              generator: torch.Generator | None = None, text_mask=None) -> torch.Tensor:
+    """Sample image tokens in raster order; returns (B, n_prefix + num_tokens).
+
+    With `prefix_tokens` (B, k) the model continues after them; `num_tokens` defaults to the rest of
+    the grid. CFG runs cond and uncond rows in one batch: l_u + s (l_c - l_u). Greedy: top_k=1."""
+    if not model.config.causal:
+        raise ValueError("AR decoding needs a causal model")
+    h, w = grid = tuple(grid or model.config.grid_size)
+    N, B = h * w, len(cond)
+    device = next(model.parameters()).device
+    k0 = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    n_new = N - k0 if num_tokens is None else num_tokens
+    if not 0 <= k0 + n_new <= N:
+        raise ValueError(f"prefix {k0} + {n_new} new tokens exceeds the {N}-token grid")
+    use_cfg = cfg_scale != 1.0
+    rows = 2 if use_cfg else 1
+    drop = torch.zeros(rows * B, dtype=torch.bool, device=device)
+    drop[B:] = True
+    cond_x = torch.cat([cond] * rows)
+    tm = None if text_mask is None else torch.cat([text_mask] * rows)
+    model.setup_kv_cache(rows * B, grid)
+    try:
+        logits = model.prefill(cond_x, grid, drop_cond=drop, text_mask=tm)  # (rows*B, V)
+        if k0:
+            logits = model.decode_tokens(torch.cat([prefix_tokens.to(device)] * rows), 0, grid)
+        out = []
+        for j in range(n_new):
+            pos = k0 + j
+            l = cfg_combine(logits[:B], logits[B:], cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)) if use_cfg else logits
+            tok = sample_from_logits(filter_logits(l, temperature, top_k, top_p), generator)  # (B,)
+            out.append(tok)
+            if j + 1 < n_new:
+                logits = model.decode_tokens(torch.cat([tok] * rows)[:, None], pos, grid)
+    finally:
+        model.clear_kv_cache()
+    new = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
+    return new if k0 == 0 else torch.cat([prefix_tokens.to(device), new], 1)

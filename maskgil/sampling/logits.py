@@ -1,0 +1,43 @@
+"""Logit processing shared by the samplers: CFG, temperature, top-k / top-p, sampling."""
+from __future__ import annotations
+
+import torch
+
+
+def cfg_combine(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: l_u + s (l_c - l_u)."""
+    return uncond_logits + scale * (cond_logits - uncond_logits)
+
+
+def cfg_scale_at(scale: float, progress: float, schedule: str = "constant") -> float:
+    """Guidance scale at progress in (0, 1]: constant, or a linear ramp from 1 (no guidance) to `scale`."""
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * progress
+    raise ValueError(f"cfg schedule must be 'constant' or 'linear', got {schedule!r}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Scale by 1/temperature and set logits outside top-k / nucleus top-p to -inf. (..., V)"""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) > top_p  # keep the smallest set reaching top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One categorical draw per row of (..., V) processed logits -> (...) long."""
+    probs = logits.softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])

@@ -1,0 +1,75 @@
+"""MaskGIT parallel decoding (the paper's sampler, 8 steps by default).
+
+At step i of T every unknown token is sampled; its confidence is log p(sampled) plus Gumbel noise
+scaled by choice_temperature * (1 - (i+1)/T); the most confident ones are revealed so that the
+number still masked follows the schedule over the *initially unknown* tokens. Revealed and
+pre-filled tokens never change.
+"""
+from __future__ import annotations
+
+import torch
+
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, filter_logits, sample_from_logits
+from maskgil.sampling.schedules import masked_after_steps
+
+
+def guided_logits(model, tokens, cond, grid, scale: float, text_mask=None):
+    """Logits (B, N, V) with classifier-free guidance, cond and uncond in one batched forward."""
+    B = tokens.shape[0]
+    no_drop = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    if scale == 1.0:
+        return model(tokens, cond, grid, drop_cond=no_drop, text_mask=text_mask)
+    both = model(torch.cat([tokens, tokens]), torch.cat([cond, cond]), grid,
+                 drop_cond=torch.cat([no_drop, ~no_drop]),
+                 text_mask=None if text_mask is None else torch.cat([text_mask, text_mask]))
+    return cfg_combine(both[:B], both[B:], scale)
+
+
+def gumbel_noise(shape, generator=None, device=None) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+@torch.no_grad()
+def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int = 8, schedule: str = "cosine",
+                   temperature: float = 1.0, top_k: int | None = None, choice_temperature: float = 4.5,
+                   cfg_scale: float = 1.0, cfg_schedule: str = "constant", init_tokens: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, text_mask=None, trace: list | None = None) -> torch.Tensor:
+    """Decode a (B, h*w) token grid for conditions `cond` ((B,) class ids or (B, L, Dt) text features).
+
+    `init_tokens` (B, h*w): pre-filled tokens are kept; positions holding the mask id (or any
+    negative value) are unknown. `trace`, if a list, receives one dict per step for inspection."""
+    mask_id = model.mask_token_id
+    if mask_id is None:
+        raise ValueError("MaskGIT decoding needs a masked (bidirectional) model")
+    h, w = grid = tuple(grid or model.config.grid_size)
+    B, N = len(cond), h * w
+    device = next(model.parameters()).device
+    if init_tokens is None:
+        tokens = torch.full((B, N), mask_id, dtype=torch.long, device=device)
+    else:
+        if init_tokens.shape != (B, N):
+            raise ValueError(f"init_tokens must be ({B}, {N}), got {tuple(init_tokens.shape)}")
+        tokens = torch.where(init_tokens < 0, mask_id, init_tokens).long().to(device)
+    # Cumulative plan per sample: tokens still masked after each step, over its initially unknown ones.
+    n0 = (tokens == mask_id).sum(1).tolist()
+    plan = torch.tensor([masked_after_steps(n, steps, schedule) for n in n0], device=device)  # (B, T)
+    for i in range(steps):
+        unknown = tokens == mask_id  # (B, N)
+        if not unknown.any():
+            break
+        progress = (i + 1) / steps
+        logits = guided_logits(model, tokens, cond, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask)
+        logits = filter_logits(logits, temperature, top_k)  # (B, N, V)
+        sampled = sample_from_logits(logits, generator)  # (B, N)
+        logp = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
+        noise = gumbel_noise((B, N), generator, device) * (choice_temperature * (1.0 - progress))
+        confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))
+        n_reveal = unknown.sum(1) - plan[:, i]  # (B,)
+        order = confidence.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
+        reveal = unknown & (rank < n_reveal[:, None])
+        tokens = torch.where(reveal, sampled, tokens)
+        if trace is not None:
+            trace.append({"step": i, "revealed": reveal.clone(), "tokens": tokens.clone()})
+    return tokens

@@ -1,0 +1,285 @@
+"""Model properties the paper states, each checked against an independent computation."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskgil.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
+from maskgil.models import build_model, load_llamagen_gpt, preset_config
+from maskgil.models.llama import LlamaConfig, LlamaGenerator, ffn_hidden_dim
+from maskgil.models.rope import apply_rope, rope_table
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def small(**kw):
+    base = dict(dim=64, n_layers=2, n_heads=4, vocab_size=37, num_classes=5, grid_size=(4, 4), multiple_of=32)
+    return LlamaGenerator(LlamaConfig(**{**base, **kw})).eval()
+
+
+# ---------------------------------------------------------------- attention direction
+@pytest.mark.parametrize("factory", [lambda: small(causal=False), lambda: build_model("transformer-tiny").eval()])
+def test_bidirectional_output_depends_on_later_tokens(factory):
+    m = factory()
+    N = m.config.grid_size[0] * m.config.grid_size[1]
+    toks = torch.randint(0, m.config.vocab_size, (2, N))
+    cond = torch.tensor([1, 2])
+    base = m(toks, cond)
+    toks2 = toks.clone()
+    toks2[:, -1] = (toks2[:, -1] + 1) % m.config.vocab_size
+    out = m(toks2, cond)
+    assert not torch.allclose(base[:, 0], out[:, 0], atol=1e-6)  # the first position sees the last token
+
+
+def test_causal_output_ignores_later_tokens():
+    m = small(causal=True, qk_norm="none", post_norm=False)
+    toks = torch.randint(0, 37, (2, 16))
+    cond = torch.tensor([0, 3])
+    base = m(toks, cond)
+    k = 9
+    toks2 = toks.clone()
+    toks2[:, k:] = (toks2[:, k:] + 5) % 37
+    out = m(toks2, cond)
+    # logits[:, i] predicts token i from tokens < i: positions <= k are unaffected by tokens >= k
+    torch.testing.assert_close(base[:, : k + 1], out[:, : k + 1])
+    assert not torch.allclose(base[:, k + 1:], out[:, k + 1:])
+
+
+def test_condition_changes_output_and_null_row_exists():
+    m = small()
+    toks = torch.full((1, 16), m.mask_token_id)
+    a = m(toks, torch.tensor([1]))
+    b = m(toks, torch.tensor([1]), drop_cond=torch.tensor([True]))
+    c = m(toks, torch.tensor([5]))  # null class id == num_classes
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, c)
+    with pytest.raises(ValueError, match="class ids"):
+        m(toks, torch.tensor([6]))
+
+
+# ---------------------------------------------------------------- 2D RoPE
+def hand_rotate(vec, row, col, theta=10000.0):
+    """Rotate one head vector with the documented layout: pairs (2p, 2p+1); the first D/4 pairs by
+    row * f_p, the rest by col * f_(p - D/4), f_k = theta^(-2k / (D/2))."""
+    D = vec.shape[0]
+    out = vec.clone().double()
+    for p in range(D // 2):
+        k = p if p < D // 4 else p - D // 4
+        f = theta ** (-2 * k / (D / 2))
+        ang = (row if p < D // 4 else col) * f
+        a, b = vec[2 * p].double(), vec[2 * p + 1].double()
+        out[2 * p] = a * math.cos(ang) - b * math.sin(ang)
+        out[2 * p + 1] = b * math.cos(ang) + a * math.sin(ang)
+    return out
+
+
+def test_rope_2d_layout_matches_hand_rotation():
+    D, h, w = 16, 3, 5
+    table = rope_table("2d", D, h, w, prefix_len=1)
+    x = torch.randn(1, 1, 1 + h * w, D)
+    y = apply_rope(x, table)
+    for idx in [0, 4, 7, 14]:
+        r, c = divmod(idx, w)
+        torch.testing.assert_close(y[0, 0, 1 + idx].double(), hand_rotate(x[0, 0, 1 + idx], r, c), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_2d_scores_invariant_to_grid_shift():
+    D, H, W, dy, dx = 32, 9, 9, 2, 3
+    table = rope_table("2d", D, H, W, prefix_len=0)
+    q, k = torch.randn(D), torch.randn(D)
+    pos = [(0, 0), (1, 4), (3, 2), (5, 5), (2, 1)]
+    idx = [r * W + c for r, c in pos]
+    idx_shift = [(r + dy) * W + (c + dx) for r, c in pos]
+
+    def scores(ids):
+        qs = apply_rope(q.expand(1, 1, len(ids), D).contiguous(), table[ids])
+        ks = apply_rope(k.expand(1, 1, len(ids), D).contiguous(), table[ids])
+        return qs[0, 0] @ ks[0, 0].T
+
+    torch.testing.assert_close(scores(idx), scores(idx_shift), atol=1e-4, rtol=1e-4)
+    # and it really is 2D: a shift in rows only is not the same as a raster-index shift of 1D RoPE
+    t1 = rope_table("1d", D, H, W, prefix_len=0)
+    assert not torch.allclose(t1, table)
+
+
+def test_prefix_tokens_get_identity_rotation_and_compat_zeroes_them():
+    table = rope_table("2d", 16, 4, 4, prefix_len=3)
+    x = torch.randn(2, 2, 3 + 16, 16)
+    torch.testing.assert_close(apply_rope(x, table)[:, :, :3], x[:, :, :3])
+    zt = rope_table("2d", 16, 4, 4, prefix_len=3, zero_prefix=True)
+    assert apply_rope(x, zt)[:, :, :3].abs().max() == 0
+    torch.testing.assert_close(zt[3:], table[3:])
+
+
+def test_any_grid_runs_without_new_weights():
+    m = small()
+    for h, w in [(4, 4), (2, 6), (8, 8)]:
+        out = m(torch.randint(0, 37, (1, h * w)), torch.tensor([0]), grid=(h, w))
+        assert out.shape == (1, h * w, 37)
+    with pytest.raises(ValueError, match="grid"):
+        m(torch.randint(0, 37, (1, 10)), torch.tensor([0]), grid=(4, 4))
+
+
+# ---------------------------------------------------------------- QK-Norm, Post-Norm
+def test_qk_norm_normalises_each_head_before_rope():
+    m = small(qk_norm="layernorm")
+    att = m.layers[0].attention
+    with torch.no_grad():
+        att.q_norm.weight.uniform_(0.5, 1.5), att.k_norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 17, 64) * 10
+    B, L, D = x.shape
+    q, k, v = (x @ att.wqkv.weight.T).view(B, L, 3, 4, 16).permute(2, 0, 3, 1, 4)
+
+    def layer_norm(t, w, b):  # per head, over head_dim
+        t = (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return t * w + b
+
+    table = m.rope((4, 4), x.device)
+    qn = apply_rope(layer_norm(q, att.q_norm.weight, att.q_norm.bias), table)
+    kn = apply_rope(layer_norm(k, att.k_norm.weight, att.k_norm.bias), table)
+    y = torch.softmax(qn @ kn.transpose(-1, -2) / 4.0, -1) @ v  # bidirectional: no mask
+    ref = y.transpose(1, 2).reshape(B, L, D) @ att.wo.weight.T
+    torch.testing.assert_close(att(x, table), ref, atol=1e-4, rtol=1e-4)
+    # normalising after the rotation would give a different result
+    qa = layer_norm(apply_rope(q, table), att.q_norm.weight, att.q_norm.bias)
+    assert not torch.allclose(qa, qn, atol=1e-3)
+    assert att.q_norm.weight.shape == (4, 1, 16)  # per-head affine
+    assert small(qk_norm="none").layers[0].attention.q_norm is None
+
+
+def test_post_norm_bounds_branch_output():
+    # Sandwich norm: x_out - x_in after the attention branch is RMS-normalised (unit RMS, weight 1).
+    m = small(post_norm=True)
+    blk = m.layers[0]
+    x = torch.randn(1, 17, 64) * 50
+    with torch.no_grad():
+        blk.attention.wo.weight.mul_(100)  # make the branch output large so eps does not matter
+    table = m.rope((4, 4), x.device)
+    h = blk.attention_post_norm(blk.attention(blk.attention_norm(x), table))
+    rms = h.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    assert small(post_norm=False).layers[0].attention_post_norm is None
+
+
+# ---------------------------------------------------------------- sizes and loading
+@pytest.mark.parametrize("name,target", [("maskgil-b", 111e6), ("maskgil-l", 343e6), ("maskgil-xl", 775e6),
+                                         ("maskgil-xxl", 1.4e9), ("llamagen-l", 343e6), ("llamagen-xl", 775e6),
+                                         ("llamagen-xxl", 1.4e9)])
+def test_paper_preset_parameter_counts(name, target):
+    n = sum(p.numel() for p in build_model(name, device="meta").parameters())
+    assert abs(n - target) / target < 0.01, n
+
+
+def test_llamagen_b_is_exact_and_ffn_rounding():
+    assert sum(p.numel() for p in build_model("llamagen-b", device="meta").parameters()) == 110_888_448
+    assert [ffn_hidden_dim(d) for d in (768, 1024, 1280, 1536)] == [2048, 2816, 3584, 4096]
+
+
+def reference_shapes():
+    rows = [l.split("\t") for l in (FIXTURES / "llamagen_gpt_b_state_dict.tsv").read_text().splitlines()
+            if l and not l.startswith("#")]
+    return {k: tuple(int(s) for s in shape.strip("()").split(",") if s.strip()) for k, shape in rows}
+
+
+def test_llamagen_state_dict_keys_load_strictly():
+    shapes = reference_shapes()
+    assert len(shapes) == 88
+    ours = {k: tuple(v.shape) for k, v in build_model("llamagen-b", device="meta").state_dict().items()}
+    assert ours == shapes
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    state["freqs_cis"] = torch.empty(257, 32, 2, device="meta")  # stray buffer in LlamaGen checkpoints
+    model = load_llamagen_gpt({"model": state}, preset="llamagen-b")
+    assert model.config.vocab_size == 16384 and model.config.num_classes == 1000
+    assert model.config.llamagen_compat
+    bad = dict(state)
+    bad.pop("norm.weight")
+    bad["layers.0.attention.wo.weight"] = torch.empty(768, 700, device="meta")
+    with pytest.raises(CheckpointMismatchError, match=r"missing: norm.weight.*shape mismatch: layers.0.attention.wo"):
+        load_llamagen_gpt(bad, preset="llamagen-b")
+
+
+def reference_llamagen_forward(sd, cls, toks, n_layers, n_heads, grid):
+    """An independent LlamaGen GPT forward written from its published equations, using complex
+    rotation and zero rotary rows at the class position (LlamaGen's behaviour)."""
+    x = torch.cat([sd["cls_embedding.embedding_table.weight"][cls][:, None], sd["tok_embeddings.weight"][toks[:, :-1]]], 1)
+    B, L, D = x.shape
+    hd = D // n_heads
+    half = hd // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, half, 2)[: half // 2].double() / half))
+    ang = torch.cat([torch.arange(grid[0]).double()[:, None, None].expand(grid[0], grid[1], 1) * freqs,
+                     torch.arange(grid[1]).double()[None, :, None].expand(grid[0], grid[1], 1) * freqs], -1).reshape(-1, half)
+    rot = torch.polar(torch.ones_like(ang), ang)
+    rot = torch.cat([torch.zeros(1, half, dtype=rot.dtype), rot])[:L]  # zero rows at the class token
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def rope(t):  # (B, L, H, hd)
+        c = torch.view_as_complex(t.double().reshape(*t.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(c * rot[None, :, None]).flatten(3).float()
+
+    mask = torch.ones(L, L).tril().bool()
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        hx = rms(x, sd[p + "attention_norm.weight"])
+        q, k, v = (hx @ sd[p + "attention.wqkv.weight"].T).split(D, -1)
+        q, k, v = [t.view(B, L, n_heads, hd) for t in (q, k, v)]
+        q, k = rope(q), rope(k)
+        att = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(hd)
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = torch.einsum("bhlm,bmhd->blhd", att, v).reshape(B, L, D)
+        x = x + y @ sd[p + "attention.wo.weight"].T
+        hx = rms(x, sd[p + "ffn_norm.weight"])
+        f = torch.nn.functional.silu(hx @ sd[p + "feed_forward.w1.weight"].T) * (hx @ sd[p + "feed_forward.w3.weight"].T)
+        x = x + f @ sd[p + "feed_forward.w2.weight"].T
+    return rms(x, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+def test_llamagen_compat_forward_matches_independent_reference():
+    cfg = dict(n_layers=2, n_heads=4, dim=64, vocab_size=50, num_classes=7, grid_size=(4, 4), multiple_of=32)
+    m = build_model("llamagen-b", **cfg).eval()
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    for v in sd.values():  # non-trivial norm weights
+        if v.dim() == 1:
+            v.copy_(torch.rand_like(v) + 0.5)
+    compat = load_llamagen_gpt(sd, preset="llamagen-b", compat=True, n_heads=4, grid_size=(4, 4), multiple_of=32)
+    toks = torch.randint(0, 50, (2, 16))
+    cls = torch.tensor([3, 7])
+    ref = reference_llamagen_forward(sd, cls, toks, 2, 4, (4, 4))
+    torch.testing.assert_close(compat(toks, cls), ref, atol=2e-4, rtol=2e-4)
+    ours = load_llamagen_gpt(sd, preset="llamagen-b", compat=False, n_heads=4, grid_size=(4, 4), multiple_of=32)
+    assert not torch.allclose(ours(toks, cls), ref, atol=1e-3)  # identity prefix rotation differs
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("name", ["maskgil-tiny", "llamagen-tiny", "transformer-tiny"])
+def test_checkpoint_directory_round_trip(tmp_path, name):
+    m = build_model(name).eval()
+    save_pretrained(m, tmp_path / "ckpt", extra={"note": "test"})
+    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ckpt" / "model.safetensors").is_file()
+    m2 = load_pretrained(tmp_path / "ckpt")
+    assert type(m2) is type(m) and m2.config == m.config
+    toks = torch.randint(0, 512, (2, 64))
+    torch.testing.assert_close(m(toks, torch.tensor([1, 2])), m2(toks, torch.tensor([1, 2])))
+
+
+def test_text_conditioning_prefix():
+    m = small(cond="text", text_dim=24, text_len=6)
+    feats = torch.randn(2, 4, 24)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    out = m(torch.full((2, 16), 37), feats, text_mask=mask)
+    assert out.shape == (2, 16, 37)
+    feats2 = feats.clone()
+    feats2[0, 3] += 10  # a padded (masked-out) text token must not matter
+    out2 = m(torch.full((2, 16), 37), feats2, text_mask=mask)
+    torch.testing.assert_close(out[0], out2[0])
+    null = m(torch.full((2, 16), 37), feats, drop_cond=torch.tensor([True, True]))
+    torch.testing.assert_close(null[0], null[1])
+
+
+def test_preset_override_errors_name_the_field():
+    with pytest.raises(TypeError, match="no field"):
+        preset_config("maskgil-b", nonsense=1)
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_config("maskgil-q")
