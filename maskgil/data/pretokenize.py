@@ -279,6 +279,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
             raise ValueError(f"image size {w}x{h} is not a multiple of the tokenizer's downsample factor {ds_factor}")
     n_tokens = None if pre.buckets else (cfg.image_size // ds_factor) ** 2
     writer = TokenShardWriter(cfg.out, tok["codebook_size"], n_tokens, target)
+    writer.remove_stale_temps()
     plan = plan_shards(cfg.source, cfg.format, cfg.rows_per_shard)
     setting = settings_fingerprint(cfg, tok)
     fingerprints = {s.shard_id: f"{setting}-{s.fingerprint()}" for s in plan}
@@ -302,13 +303,16 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
                                                        batch_size=cfg.batch_size, threads=cfg.cpus_per_tokenizer))
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
+        limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for s in assembler.add(batch):
+                if len(new_recs) >= limit:
+                    break
                 cols, quarantine, seen = assembler.take(s)
                 new_recs.append(writer.write(s, fingerprints[s], cols, quarantine, seen))
                 bar.update(1)
-            if cfg.max_new_shards is not None and len(new_recs) >= cfg.max_new_shards:
-                break
+            if len(new_recs) >= limit:
+                break  # stops the stream; a partial run (or a kill) is finished by rerunning
         bar.close()
 
     elapsed = time.time() - t0

@@ -123,6 +123,17 @@ class TokenShardWriter:
         self.target = target
         self.np_dtype = np.uint16 if self.schema.field("tokens").type.value_type == pa.uint16() else np.uint32
 
+    def remove_stale_temps(self) -> int:
+        """Delete temporary files a killed run left behind (one writer per output directory)."""
+        d = self.dir.path(SHARDS_DIR)
+        if self.dir.fs.get_file_info(d).type != pafs.FileType.Directory:
+            return 0
+        stale = [i.path for i in self.dir.fs.get_file_info(pafs.FileSelector(d))
+                 if posixpath.basename(i.path).startswith(".") and ".tmp-" in i.path]
+        for path in stale:
+            self.dir.fs.delete_file(path)
+        return len(stale)
+
     # -- completion records ------------------------------------------------------------------
     def done_record(self, shard_id: int) -> dict | None:
         name = shard_name(shard_id)
