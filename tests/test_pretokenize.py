@@ -47,6 +47,13 @@ def imagenet(tmp_path_factory):
     return root / "train"
 
 
+@pytest.fixture(scope="module")
+def imagenet_tokens(ray_local, tokenizer_dir, imagenet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokens")
+    summary = run_pretokenize(_cfg(imagenet, "imagenet", out, tokenizer_dir, rows_per_shard=10), progress=False)
+    return out, summary
+
+
 def _adm(img: Image.Image, s: int) -> np.ndarray:
     """Reference ADM centre crop, independent of maskgil.data.images."""
     while min(img.size) >= 2 * s:
@@ -69,17 +76,17 @@ def _shard_tables(out):
     return [pq.read_table(Path(out) / s["file"]) for s in m["shards"]]
 
 
-def test_round_trip_identical_codes_and_deterministic_shards(ray_local, tokenizer_dir, imagenet, tmp_path):
-    s = run_pretokenize(_cfg(imagenet, "imagenet", tmp_path / "a", tokenizer_dir, rows_per_shard=10), progress=False)
+def test_round_trip_identical_codes_and_deterministic_shards(tokenizer_dir, imagenet, imagenet_tokens, tmp_path):
+    a, s = imagenet_tokens
     assert s["complete"] and s["reconciled"]
     assert (s["inputs_seen"], s["inputs_written"], s["inputs_quarantined"], s["rows_written"]) == (48, 48, 0, 48)
-    m = read_manifest(str(tmp_path / "a"))
+    m = read_manifest(str(a))
     assert len(m["shards"]) == 5 and [x["rows"] for x in m["shards"]] == [10, 10, 10, 10, 8]
     assert m["grid"] == [4, 4] and m["codebook_size"] == 512 and m["token_dtype"] == "uint16"
     assert m["tokenizer"]["name"] == "llamagen-vq-tiny" and len(m["tokenizer"]["weights_sha256"]) == 64
 
     # Rows come in sorted-listing order, labels are the sorted class-folder index.
-    tables = _shard_tables(tmp_path / "a")
+    tables = _shard_tables(a)
     sources = sum((t.column("source").to_pylist() for t in tables), [])
     files = sorted(imagenet.glob("*/*.JPEG"))
     assert sources == [str(f.relative_to(imagenet)) for f in files]
@@ -90,7 +97,7 @@ def test_round_trip_identical_codes_and_deterministic_shards(ray_local, tokenize
     # Identical codes: tokenize the source images directly (PIL decode + reference crop).
     tok = load_tokenizer(tokenizer_dir)
     direct = tok.encode(np.stack([_adm(Image.open(f).convert("RGB"), SIZE) for f in files]))  # (48, 4, 4)
-    got = load_tokens(str(tmp_path / "a"))
+    got = load_tokens(str(a))
     assert torch.equal(torch.from_numpy(got["tokens"]).view(-1, 4, 4), direct)
     assert torch.equal(tok.decode(torch.from_numpy(got["tokens"]).view(-1, 4, 4)), tok.decode(direct))
 
@@ -238,12 +245,12 @@ def test_webdataset_captions_and_buckets(ray_local, tokenizer_dir, tmp_path):
     assert q == [{"source": "00002.tar/000029999", "reason": "no image in sample", "shard": 2}]
 
 
-def test_token_dataset_for_ray_train(ray_local, tokenizer_dir, imagenet, tmp_path):
-    run_pretokenize(_cfg(imagenet, "imagenet", tmp_path / "out", tokenizer_dir, rows_per_shard=20), progress=False)
-    ds = token_dataset(str(tmp_path / "out"))
+def test_token_dataset_for_ray_train(imagenet_tokens):
+    out, _ = imagenet_tokens
+    ds = token_dataset(str(out)).materialize()
     batch = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert batch["tokens"].shape == (16, 16) and batch["tokens"].dtype == torch.int64 and batch["label"].shape == (16,)
     rows = ds.take_all()
-    ref = load_tokens(str(tmp_path / "out"))
+    ref = load_tokens(str(out))
     got = sorted((int(r["label"]), tuple(r["tokens"].tolist())) for r in rows)
     assert got == sorted((int(lab), tuple(t)) for lab, t in zip(ref["label"], ref["tokens"].tolist()))
