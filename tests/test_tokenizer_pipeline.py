@@ -99,3 +99,21 @@ def test_pipeline_trains_logs_and_resumes(ray_local, tmp_path):
     assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [4]
     assert [m.step for m in client.get_metric_history(run_id, "recon")] == [1, 2, 3, 4, 5, 6]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 6
+
+
+def test_kuberay_config_entrypoint_parses():
+    import shlex
+
+    import train_tokenizer
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "ray_configs" / "tokenizer_kuberay_train.yaml").read_text())
+    argv = shlex.split(spec["spec"]["entrypoint"])
+    assert argv[1].endswith("pipelines/train_tokenizer.py")
+    args = train_tokenizer.parse_args(argv[2:])
+    config = train_tokenizer.train_config_from_args(args)
+    assert args.preset == "llamagen-vq" and args.use_gpu and args.num_workers == 8
+    assert config.lr == 1e-4 and config.betas == (0.9, 0.95) and config.perceptual == "lpips"
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in spec["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert gpus == args.num_workers
