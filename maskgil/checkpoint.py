@@ -104,12 +104,9 @@ def read_config(path: str | os.PathLike) -> dict:
 def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = "cpu", expected_type: type | None = None):
     """Load a checkpoint directory written by `save_pretrained` into its registered class."""
     # Import the model packages so their classes register themselves.
+    import maskgil.classifier  # noqa: F401
     import maskgil.models  # noqa: F401
-
-    try:
-        import maskgil.tokenizers  # noqa: F401
-    except ImportError:
-        pass
+    import maskgil.tokenizers  # noqa: F401
     path = Path(path)
     meta = read_config(path)
     model_type = meta.get("model_type")

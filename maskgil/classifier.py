@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,8 +66,8 @@ def classify(model: EmbeddedClassifier, images, batch_size: int = 256) -> np.nda
     """Predicted labels (N,) for images: uint8 or [-1, 1], NCHW or NHWC, any size."""
     model.eval()
     device = next(model.parameters()).device
-    x = to_minus_one_one(images)
-    preds = [model(x[i:i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
+    preds = [model(to_minus_one_one(images[i:i + batch_size]).to(device)).argmax(dim=1).cpu()
+             for i in range(0, len(images), batch_size)]  # converted per batch: inputs may be large uint8
     return torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
 
 
@@ -88,7 +89,7 @@ def class_accuracy(model: EmbeddedClassifier, images, labels) -> dict:
 
 
 def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int = 64, n_train: int = 2048,
-                              n_val: int = 512, steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
+                              n_val: int = 512, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
                               seed: int = 0, data_seed: int = 0, log_every: int = 0):
     """Train on real embedded `train` images, measure on `val`; save a checkpoint dir unless out_dir is None.
 
@@ -134,3 +135,24 @@ def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int
 
 def load_embedded_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddedClassifier:
     return load_pretrained(path, map_location=device, expected_type=EmbeddedClassifier)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Train the embedded-set classifier that judges generated samples.")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    train_embedded_classifier(args.out, image_size=args.image_size, n_train=args.n_train, steps=args.steps,
+                              seed=args.seed, log_every=50)
+    extra = json.loads((Path(args.out) / "config.json").read_text())["extra"]
+    print(json.dumps({k: extra[k] for k in ("val_accuracy", "val_colour_accuracy", "val_shape_accuracy", "train_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
