@@ -13,16 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
-
-from maskgil.checkpoint import (
-    MODEL_REGISTRY,
-    WEIGHTS_NAME,
-    check_state_dict,
-    config_from_dict,
-    read_config,
-    save_pretrained,
-)
+from maskgil.checkpoint import load_pretrained, save_pretrained
 
 
 def to_model_input(images: Any) -> torch.Tensor:
@@ -126,22 +117,5 @@ class ImageTokenizer(nn.Module):
 
 
 def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageTokenizer:
-    """Load a tokenizer checkpoint directory (config.json + model.safetensors), strictly.
-
-    Same steps as `maskgil.checkpoint.load_pretrained`, restricted to tokenizer classes (and not
-    importing the generator package, so tokenizers load without it).
-    """
-    path = Path(path)
-    meta = read_config(path)
-    model_type = meta.get("model_type")
-    cls = MODEL_REGISTRY.get(model_type)
-    if cls is None or not issubclass(cls, ImageTokenizer):
-        known = sorted(k for k, v in MODEL_REGISTRY.items() if issubclass(v, ImageTokenizer))
-        raise ValueError(f"{path}: model_type {model_type!r} is not a tokenizer; known tokenizers: {known}")
-    config = config_from_dict(cls.config_class, meta["config"])
-    with torch.device("meta"):
-        model = cls(config)
-    state = load_file(str(path / WEIGHTS_NAME), device=str(map_location))
-    check_state_dict(model, state)
-    model.load_state_dict(state, assign=True)
-    return model.eval()
+    """Load a tokenizer checkpoint directory (config.json + model.safetensors), strictly by key and shape."""
+    return load_pretrained(path, map_location=map_location, expected_type=ImageTokenizer)

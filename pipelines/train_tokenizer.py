@@ -1,0 +1,176 @@
+"""Train an image tokenizer with Ray Train (TorchTrainer; gloo on CPU, NCCL on GPU) and log it to MLflow.
+
+    # tiny LlamaGen-VQ on the embedded procedural set, 2 CPU workers (laptop / CI)
+    python pipelines/train_tokenizer.py --preset llamagen-vq-tiny --steps 1500 --out runs/tok_tiny
+    # paper-size LlamaGen-VQ on ImageNet, 8 GPU workers
+    ray job submit -- python pipelines/train_tokenizer.py --preset llamagen-vq --data /data/imagenet/train \
+        --format imagenet --image-size 256 --batch-size 16 --num-workers 8 --use-gpu --steps 400000 \
+        --perceptual lpips --lpips-weights vgg.pth --vgg16-weights vgg16.pth --out runs/llamagen_vq
+
+Rerunning with the same --name and --storage-path resumes from the last checkpoint (Ray Train),
+and continues the same MLflow run. The final tokenizer lands in --out (config.json + model.safetensors),
+with metrics.json (PSNR, SSIM, usage, rFID on held-out images) and recon.png beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
+from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Workers run in other directories: make `sqlite:///relative.db` absolute."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def held_out_images(args):
+    from maskgil.tokenizers.evaluate import load_eval_images
+
+    spec = args.eval_images or (f"embedded:{args.eval_n}:val" if args.data == "embedded" else None)
+    if spec is None:
+        return None
+    return load_eval_images(spec, args.eval_format or args.format, args.image_size, args.eval_n)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llamagen-vq-tiny")
+    p.add_argument("--model-overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"codebook_size": 1024}\'')
+    p.add_argument("--data", default="embedded", help="'embedded' or a directory of images")
+    p.add_argument("--format", choices=["imagenet", "parquet", "webdataset"], default="imagenet")
+    p.add_argument("--n-images", type=int, default=4096, help="embedded: number of training images")
+    p.add_argument("--image-size", type=int, default=None, help="default 64 for -tiny presets, else 256")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=None, help="per worker")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--recon-loss", choices=["l1", "l2"], default=None)
+    p.add_argument("--perceptual", choices=["auto", "lpips", "inception", "none"], default=None)
+    p.add_argument("--perceptual-weight", type=float, default=None)
+    p.add_argument("--lpips-weights", default=None)
+    p.add_argument("--vgg16-weights", default=None)
+    p.add_argument("--disc-weight", type=float, default=None)
+    p.add_argument("--disc-start", type=int, default=None)
+    p.add_argument("--disc-adaptive", action="store_true", default=None)
+    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--name", default=None, help="Ray Train run name (rerun the same name to resume)")
+    p.add_argument("--storage-path", default=str(REPO / "ray_results"))
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--grid-every", type=int, default=500)
+    p.add_argument("--out", required=True, help="final tokenizer directory")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--experiment", default="tokenizers")
+    p.add_argument("--eval-images", default=None, help="held-out images: embedded:N[:split] or a directory")
+    p.add_argument("--eval-format", default=None)
+    p.add_argument("--eval-n", type=int, default=256)
+    p.add_argument("--no-rfid", action="store_true")
+    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    return p.parse_args(argv)
+
+
+def train_config_from_args(args) -> TokenizerTrainConfig:
+    overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "recon_loss", "perceptual", "perceptual_weight",
+                                               "lpips_weights", "vgg16_weights", "disc_weight", "disc_start",
+                                               "disc_adaptive", "ema_decay", "seed") if getattr(args, k) is not None}
+    return default_train_config(args.preset, model_overrides=args.model_overrides, **overrides)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.image_size = args.image_size or (64 if args.preset.endswith("-tiny") else 256)
+    args.name = args.name or f"tokenizer-{args.preset}"
+    train_config = train_config_from_args(args)
+
+    import mlflow
+    import numpy as np
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from maskgil.tokenizers.base import load_tokenizer
+    from maskgil.tokenizers.evaluate import evaluate_tokenizer
+    from maskgil.tokenizers.training import save_recon_grid
+
+    tracking_uri = absolute_tracking_uri(args.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(args.experiment)
+    run_dir = Path(args.storage_path) / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id_file = run_dir / "mlflow_run_id"  # resume the same MLflow run on rerun
+    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    run = mlflow.start_run(run_id=run_id, run_name=args.name)
+    run_id_file.write_text(run.info.run_id)
+    status = "FAILED"
+    try:
+        if run_id is None:
+            mlflow.log_params({**{f"train.{k}": v for k, v in dataclasses.asdict(train_config).items()},
+                               "preset": args.preset, "data": args.data, "image_size": args.image_size,
+                               "steps": args.steps, "num_workers": args.num_workers, "use_gpu": args.use_gpu})
+        else:
+            mlflow.set_tag("resumed", "true")
+        if not ray.is_initialized():
+            ray.init(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        eval_images = held_out_images(args)
+        grid = eval_images[:8] if eval_images is not None else np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "train": dataclasses.asdict(train_config), "steps": args.steps, "use_gpu": args.use_gpu,
+                "threads_per_worker": max(1, int(args.cpus_per_worker)), "tracking_uri": tracking_uri,
+                "run_id": run.info.run_id, "log_every": args.log_every, "grid_every": args.grid_every,
+                "checkpoint_every": args.checkpoint_every, "grid_images": grid.tolist(),
+            },
+            scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                         resources_per_worker={"CPU": args.cpus_per_worker}),
+            run_config=RunConfig(name=args.name, storage_path=os.path.abspath(args.storage_path),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=1)),
+            datasets={"train": build_dataset(args.data, args.format, args.image_size, args.n_images, args.seed)},
+        )
+        t0 = time.time()
+        result = trainer.fit()
+        mlflow.log_metric("train_wall_s", time.time() - t0)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with result.checkpoint.as_directory() as d:
+            for name in ("config.json", "model.safetensors"):
+                shutil.copy(Path(d) / name, out / name)
+        tok = load_tokenizer(out)
+        metrics = {"steps": int(result.metrics.get("step", args.steps))}
+        if eval_images is not None:
+            metrics.update(evaluate_tokenizer(tok, eval_images, rfid=not args.no_rfid,
+                                              inception_weights=args.inception_weights))
+            save_recon_grid(tok, eval_images[:16], out / "recon.png", max_images=16)
+            mlflow.log_artifact(str(out / "recon.png"), "final")
+            mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        mlflow.log_artifact(str(out / "metrics.json"), "final")
+        print(json.dumps({"out": str(out), "mlflow_run_id": run.info.run_id, **metrics}, indent=2))
+        status = "FINISHED"
+        return metrics
+    finally:
+        mlflow.end_run(status=status)
+
+
+if __name__ == "__main__":
+    main()

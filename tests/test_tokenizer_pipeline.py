@@ -1,0 +1,119 @@
+"""pipelines/train_tokenizer.py end to end on a local Ray (2 workers x 0.5 CPU, gloo), plus the
+evaluate CLI and the Ray Data row functions."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskgil.data.embedded import EmbeddedSpec, make_dataset
+from maskgil.tokenizers import build_tokenizer, load_tokenizer
+from maskgil.tokenizers.data import embedded_batch, shard_images, shard_to_row
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+MICRO = {"ch": 16, "ch_mult": [1, 2], "enc_res_blocks": 1, "dec_res_blocks": 1, "z_channels": 16, "norm_groups": 4,
+         "codebook_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_embedded_batch_matches_make_dataset():
+    ref, labels, _ = make_dataset(EmbeddedSpec(seed=3, width=32, height=32), 5, start=10)
+    out = embedded_batch({"id": np.arange(10, 15)}, image_size=32, seed=3)
+    assert np.array_equal(out["image"], ref) and np.array_equal(out["label"], labels)
+
+
+def test_shard_images_decodes_and_crops(tmp_path):
+    from maskgil.data.embedded import write_imagenet_folder
+    from maskgil.data.sources import plan_shards
+
+    write_imagenet_folder(tmp_path / "in", 6, 0, size=48)
+    (tmp_path / "in" / "train" / "00_red_circle" / "broken.JPEG").write_bytes(b"not an image")
+    shards = plan_shards(str(tmp_path / "in" / "train"), "imagenet", rows_per_shard=100)
+    rows = [r for s in shards for r in shard_images(shard_to_row(s), image_size=32)]
+    assert len(rows) == 6 and all(r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8 for r in rows)
+
+
+def test_evaluate_cli_reports_psnr_against_hand_value(tmp_path, capsys):
+    from maskgil.tokenizers.evaluate import main
+
+    tok = build_tokenizer("llamagen-vq-tiny")
+    tok.save_pretrained(tmp_path / "tok")
+    result = main(["--tokenizer", str(tmp_path / "tok"), "--images", "embedded:8:val", "--image-size", "32", "--no-rfid"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["psnr"] == pytest.approx(result["psnr"])
+    images = make_dataset(EmbeddedSpec(split="val", width=32, height=32), 8)[0]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1
+    rec = tok.reconstruct(images).double()
+    hand = (10 * torch.log10(4.0 / ((x - rec) ** 2).flatten(1).mean(1))).mean()
+    assert result["psnr"] == pytest.approx(hand.item(), rel=1e-5)
+    codes = tok.encode(images)
+    assert result["codes_used"] == codes.unique().numel()
+    assert result["codebook_usage_pct"] == pytest.approx(100 * codes.unique().numel() / 512)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=8431,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level="warning")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_pipeline_trains_logs_and_resumes(ray_local, tmp_path):
+    import mlflow
+    import train_tokenizer
+
+    common = ["--preset", "llamagen-vq-tiny", "--model-overrides", json.dumps(MICRO), "--image-size", "16",
+              "--n-images", "64", "--batch-size", "4", "--perceptual", "none", "--disc-weight", "0",
+              "--num-workers", "2", "--cpus-per-worker", "0.5", "--name", "t", "--storage-path", str(tmp_path / "ray"),
+              "--checkpoint-every", "2", "--log-every", "1", "--grid-every", "2", "--out", str(tmp_path / "out"),
+              "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--eval-n", "8", "--no-rfid"]
+    first = train_tokenizer.main(common + ["--steps", "4"])
+    assert first["steps"] == 4 and np.isfinite(first["psnr"])
+    tok = load_tokenizer(tmp_path / "out")
+    assert tok.codebook_size == 64 and tok.encode(np.zeros((1, 16, 16, 3), np.uint8)).shape == (1, 8, 8)
+    run_id = (tmp_path / "ray" / "t" / "mlflow_run_id").read_text()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["perceptual_loss"] == "none"
+    assert [m.step for m in client.get_metric_history(run_id, "recon")] == [1, 2, 3, 4]
+    assert {a.path for a in client.list_artifacts(run_id, "recon")} >= {"recon/recon_step0000002.png"}
+    # rerun with the same name: resumes from the step-4 checkpoint and continues the same MLflow run
+    second = train_tokenizer.main(common + ["--steps", "6"])
+    assert second["steps"] == 6
+    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_step")] == [4]
+    assert [m.step for m in client.get_metric_history(run_id, "recon")] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 6
+
+
+def test_kuberay_config_entrypoint_parses():
+    import shlex
+
+    import train_tokenizer
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "ray_configs" / "tokenizer_kuberay_train.yaml").read_text())
+    argv = shlex.split(spec["spec"]["entrypoint"])
+    assert argv[1].endswith("pipelines/train_tokenizer.py")
+    args = train_tokenizer.parse_args(argv[2:])
+    config = train_tokenizer.train_config_from_args(args)
+    assert args.preset == "llamagen-vq" and args.use_gpu and args.num_workers == 8
+    assert config.lr == 1e-4 and config.betas == (0.9, 0.95) and config.perceptual == "lpips"
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in spec["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert gpus == args.num_workers

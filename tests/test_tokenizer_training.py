@@ -1,0 +1,156 @@
+"""Tokenizer training library: loss goes down, GAN/adaptive path, EMA, exact resume, dead-code restart."""
+import numpy as np
+import pytest
+import torch
+
+from maskgil.tokenizers import build_tokenizer
+from maskgil.tokenizers.training import (
+    TokenizerTrainConfig,
+    TokenizerTrainer,
+    batch_iterator,
+    default_train_config,
+    save_recon_grid,
+    train_tokenizer,
+)
+
+MICRO = dict(ch=16, ch_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1, z_channels=16, norm_groups=4)
+
+
+PALETTE = np.array([[220, 40, 40], [40, 175, 60], [45, 85, 225], [240, 215, 40], [128, 128, 128]], np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine two threads spin-wait (~50x slower steps)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n=64, size=16, seed=0):
+    """Palette-coloured squares on a palette background: learnable in a few dozen steps."""
+    rng = np.random.default_rng(seed)
+    imgs = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        imgs[i] = PALETTE[rng.integers(0, len(PALETTE))]
+        y, x, s = rng.integers(0, size // 2, 2).tolist() + [size // 2]
+        imgs[i, y : y + s, x : x + s] = PALETTE[rng.integers(0, len(PALETTE))]
+    return imgs
+
+
+def micro_config(**kw):
+    base = dict(preset="llamagen-vq-tiny", model_overrides=dict(MICRO, codebook_size=64), batch_size=8, lr=2e-3,
+                perceptual="none", perceptual_weight=0.0, disc_weight=0.0)
+    base.update(kw)
+    return TokenizerTrainConfig(**base)
+
+
+def test_short_training_reduces_reconstruction_error():
+    data, held_out = blobs(), blobs(16, seed=1)
+    config = micro_config(dead_code_restart=10)
+    x = torch.from_numpy(held_out).permute(0, 3, 1, 2).float() / 127.5 - 1
+    before = ((build_tokenizer(config.preset, **config.model_overrides).reconstruct(held_out) - x) ** 2).mean()
+    tok, hist = train_tokenizer(config, data, steps=100, log_every=10, progress=False)
+    assert hist[-1]["step"] == 100 and not tok.training
+    after = ((tok.reconstruct(held_out) - x) ** 2).mean()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("preset", ["vqgan-maskgit-tiny", "lfq-magvit2-tiny"])
+def test_other_families_train_with_gan_and_adaptive_weight(preset):
+    over = dict(MICRO) if preset.startswith("vqgan") else {k: v for k, v in MICRO.items() if k != "z_channels"}
+    config = micro_config(preset=preset, model_overrides=over, disc_weight=0.5, disc_start=1, disc_adaptive=True,
+                          disc_ndf=8, disc_layers=1)
+    trainer = TokenizerTrainer(config)
+    data = blobs(16)
+    m0 = trainer.train_step(data[:8])
+    m1 = trainer.train_step(data[8:])
+    assert "gan_g" not in m0 and {"gan_g", "gan_d", "gan_weight"} <= set(m1)
+    assert np.isfinite(m1["loss"]) and m1["gan_weight"] > 0
+    if preset.startswith("lfq"):
+        assert "q_entropy" in m1
+
+
+def test_adaptive_weight_is_gradient_norm_ratio():
+    trainer = TokenizerTrainer(micro_config(disc_weight=1.0, disc_start=0, disc_adaptive=True, disc_ndf=8, disc_layers=1))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    rec, _, _ = trainer.model(x)
+    nll = (rec - x).abs().mean()
+    g = -trainer.disc(rec).mean()
+    w = trainer._adaptive_weight(nll, g)
+    last = trainer.model.decoder.conv_out.weight
+    a = torch.autograd.grad(nll, last, retain_graph=True)[0].norm()
+    b = torch.autograd.grad(g, last, retain_graph=True)[0].norm()
+    assert w.item() == pytest.approx((a / (b + 1e-4)).item(), rel=1e-5)
+
+
+def test_ema_is_exponential_average_of_weights():
+    config = micro_config(ema_decay=0.9)
+    trainer = TokenizerTrainer(config)
+    key = "decoder.conv_out.bias"
+    snaps = [trainer.model.state_dict()[key].clone()]
+    data = blobs(16)
+    for i in range(2):
+        trainer.train_step(data[8 * i : 8 * i + 8])
+        snaps.append(trainer.model.state_dict()[key].clone())
+    expected = 0.81 * snaps[0] + 0.09 * snaps[1] + 0.1 * snaps[2]
+    assert torch.allclose(trainer.final_model().state_dict()[key], expected, atol=1e-7)
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = micro_config(disc_weight=0.5, disc_start=1, disc_ndf=8, disc_layers=1, ema_decay=0.5)
+    data = blobs(24)
+    batches = [data[i : i + 8] for i in (0, 8, 16)]
+    a = TokenizerTrainer(config)
+    for b in batches:
+        a.train_step(b)
+    b_tr = TokenizerTrainer(config)
+    for b in batches[:2]:
+        b_tr.train_step(b)
+    b_tr.save(tmp_path / "ckpt")
+    c = TokenizerTrainer.resume(tmp_path / "ckpt")
+    assert c.step == 2
+    c.train_step(batches[2])
+    for (k, va), vc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.allclose(va, vc, atol=1e-6), k
+    for (k, va), vc in zip(a.disc.state_dict().items(), c.disc.state_dict().values()):
+        assert torch.allclose(va.float(), vc.float(), atol=1e-6), k
+
+
+def test_dead_codes_are_restarted_onto_encoder_outputs():
+    config = micro_config(dead_code_restart=1)
+    trainer = TokenizerTrainer(config)
+    m = trainer.train_step(blobs(8))
+    used = trainer.model.quantize.codebook_used
+    n_used = used[used >= 0].long().unique().numel()
+    assert m["codes_restarted"] == 64 - n_used
+    # every restarted code is (the unit vector of) one of the step's encoder outputs
+    inputs = torch.nn.functional.normalize(trainer.model.quantize.last_inputs, dim=-1)
+    w = trainer.model.quantize.embedding.weight.detach()
+    dead = torch.ones(64, dtype=torch.bool)
+    dead[used[used >= 0].long().unique()] = False
+    sq_dists = ((w[dead][:, None, :] - inputs[None]) ** 2).sum(-1).min(1).values
+    assert sq_dists.max() < 1e-10
+
+
+def test_batch_iterator_epochs_and_datasets():
+    data = np.arange(10)[:, None]
+    it = batch_iterator(data, 4, seed=0)
+    seen = np.concatenate([next(it)[:, 0] for _ in range(2)])
+    assert len(set(seen.tolist())) == 8  # no repeats within an epoch
+    ds = [(np.full((2, 2, 3), i, np.uint8), i) for i in range(5)]  # map-style, (image, label) items
+    assert next(batch_iterator(ds, 3)).shape == (3, 2, 2, 3)
+    with pytest.raises(ValueError, match="ran out"):
+        train_tokenizer(micro_config(), iter([blobs(8)]), steps=3, progress=False)
+
+
+def test_tiny_defaults_and_grid(tmp_path):
+    c = default_train_config("llamagen-vq-tiny")
+    assert c.lr == 1e-3 and c.betas == (0.9, 0.95) and c.grad_clip == 1.0
+    assert default_train_config("llamagen-vq").lr == 1e-4
+    tok = build_tokenizer("llamagen-vq-tiny")
+    from PIL import Image
+
+    path = save_recon_grid(tok, blobs(4, 64), tmp_path / "grid.png", scale=1)
+    assert Image.open(path).size == (4 * 64, 2 * 64)
