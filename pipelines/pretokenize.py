@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         if run is not None:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             _log_outputs(mlflow, cfg.out)
         if summary["complete"] and not summary["reconciled"]:
             raise SystemExit("pretokenize: counts do not reconcile (seen != written + quarantined)")

@@ -46,6 +46,10 @@ class PretokenizeConfig:
     num_tokenizers: int = 1  # actor pool size
     gpus_per_tokenizer: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_tokenizer: float = 1.0
+    # CPUs per decode task. Kept different from cpus_per_tokenizer: Ray Data fuses a task stage into
+    # an actor stage with identical resources, and the fused actor then takes `batch_size` whole input
+    # shards per call, so no shard reaches the writer until all of them are tokenized.
+    decode_cpus: float = 0.5
     batch_size: int = 64  # images per tokenizer call
     chunk_size: int = 32  # records per block out of the decode stage
     min_side: int = 32
@@ -293,7 +297,15 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+        decode_cpus = cfg.decode_cpus
+        if not gpus and decode_cpus == cfg.cpus_per_tokenizer:
+            decode_cpus = 0.999 * decode_cpus  # see PretokenizeConfig.decode_cpus: keep the stages apart
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cfg.num_tokenizers * cfg.cpus_per_tokenizer + decode_cpus > cpus:
+            raise ValueError(f"{cfg.num_tokenizers} tokenizer actors x {cfg.cpus_per_tokenizer} CPU + {decode_cpus} CPU for "
+                             f"decoding exceed the cluster's {cpus:g} CPUs and would never be scheduled: "
+                             "lower num_tokenizers or cpus_per_tokenizer")
+        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
                             fn_kwargs=dict(preprocess=pre, limits=cfg.limits(), target=target, columns=cfg.columns,
                                            chunk_size=cfg.chunk_size))
         ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
@@ -309,7 +321,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
                 if len(new_recs) >= limit:
                     break
                 cols, quarantine, seen = assembler.take(s)
-                new_recs.append(writer.write(s, fingerprints[s], cols, quarantine, seen))
+                new_recs.append({**writer.write(s, fingerprints[s], cols, quarantine, seen), "at_s": time.time() - t0})
                 bar.update(1)
             if len(new_recs) >= limit:
                 break  # stops the stream; a partial run (or a kill) is finished by rerunning
@@ -326,6 +338,9 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         "seconds": elapsed,
         "images_per_s": sum(r["written_inputs"] for r in new_recs) / max(elapsed, 1e-9),
         "rows_per_s": sum(r["rows"] for r in new_recs) / max(elapsed, 1e-9),
+        # Seconds from the start to each shard written: startup cost vs steady rate.
+        "shard_written_at_s": [round(r["at_s"], 3) for r in new_recs],
+        "shard_inputs_written": [r["written_inputs"] for r in new_recs],
     }
     if complete:
         grid = None if pre.buckets else [cfg.image_size // ds_factor] * 2

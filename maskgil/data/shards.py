@@ -176,12 +176,12 @@ class TokenShardWriter:
         for f in self.schema:
             if f.name == "tokens":
                 continue
+            if f.name not in rows:
+                raise ValueError(f"missing column {f.name!r} for this shard schema")
             if f.name == "text_embedding":
                 emb = np.asarray(rows["text_embedding"], np.float16)
                 cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), f.type.list_size)
             else:
-                if f.name not in rows:
-                    raise ValueError(f"missing column {f.name!r} for this shard schema")
                 cols[f.name] = pa.array(list(rows[f.name]), f.type)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
