@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="tokenizer pool sizes to run")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per tokenizer worker")
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs reserved per decode task")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
 
@@ -88,7 +89,9 @@ def main() -> None:
             for w in args.workers:
                 cfg = PretokenizeConfig(source=str(tmp / "data" / "train"), format="imagenet", out=str(tmp / f"tokens{w}"),
                                         tokenizer=str(tmp / "tok"), image_size=args.image_size, rows_per_shard=args.rows_per_shard,
-                                        num_tokenizers=w, batch_size=args.batch_size, cpus_per_tokenizer=args.threads)
+                                        num_tokenizers=w, batch_size=args.batch_size, decode_cpus=args.decode_cpus,
+                                        # share what decoding leaves; each actor still runs --threads torch threads
+                                        cpus_per_tokenizer=min(float(args.threads), (args.num_cpus - args.decode_cpus) / w))
                 s = run_pretokenize(cfg, progress=False)
                 at, n_in = s["shard_written_at_s"], s["shard_inputs_written"]
                 steady = sum(n_in[1:]) / (at[-1] - at[0]) if len(at) > 1 and at[-1] > at[0] else None

@@ -312,7 +312,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizers),
                             num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
                             fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device="cuda" if gpus else "cpu",
-                                                       batch_size=cfg.batch_size, threads=cfg.cpus_per_tokenizer))
+                                                       batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
         limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)
