@@ -246,6 +246,10 @@ def test_webdataset_captions_and_buckets(ray_local, tokenizer_dir, tmp_path):
     assert {(a, b) for a, b in zip(t.column("grid_h").to_pylist(), t.column("grid_w").to_pylist())} == {(4, 4), (3, 5), (5, 3)}
     q = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert q == [{"source": "00002.tar/000029999", "reason": "no image in sample", "shard": 2}]
+    # Ray Train view of one bucket: only that grid's rows, as a (B, h*w) tensor.
+    n35 = sum(1 for a, b in zip(t.column("grid_h").to_pylist(), t.column("grid_w").to_pylist()) if (a, b) == (3, 5))
+    batch = next(iter(token_dataset(str(tmp_path / "out"), grid=(3, 5)).iter_torch_batches(batch_size=64)))
+    assert batch["tokens"].shape == (n35, 15) and "label" not in batch
 
 
 def test_token_dataset_for_ray_train(imagenet_tokens):
@@ -254,6 +258,9 @@ def test_token_dataset_for_ray_train(imagenet_tokens):
     batch = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert batch["tokens"].shape == (16, 16) and batch["tokens"].dtype == torch.int64 and batch["label"].shape == (16,)
     rows = ds.take_all()
+    assert token_dataset(str(out), grid=(4, 4)).count() == 48  # the grid a trainer asks for
+    with pytest.raises(ValueError, match="4x4 token grid, not 8x8"):
+        token_dataset(str(out), grid=(8, 8))
     ref = load_tokens(str(out))
     got = sorted((int(r["label"]), tuple(r["tokens"].tolist())) for r in rows)
     assert got == sorted((int(lab), tuple(t)) for lab, t in zip(ref["label"], ref["tokens"].tolist()))
