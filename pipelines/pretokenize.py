@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
     p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: crop from a centre crop this much larger")
     p.add_argument("--buckets", type=parse_buckets, default=None, help="aspect-ratio buckets WxH,WxH,... (caption sets)")
-    p.add_argument("--target", choices=["label", "caption"], default=None, help="default: label (imagenet/parquet), caption (webdataset)")
+    p.add_argument("--target", choices=["label", "caption"], default=None, help="default: label for imagenet; parquet: label if the column exists, else caption; webdataset: caption")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--num-tokenizers", type=int, default=1, help="tokenizer actor pool size")
     p.add_argument("--gpus-per-tokenizer", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")

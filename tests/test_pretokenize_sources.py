@@ -75,3 +75,23 @@ def test_plan_errors_name_the_problem(tmp_path):
         plan_shards(str(tmp_path), "parquet")
     with pytest.raises(ValueError, match="format must be one of"):
         plan_shards(str(tmp_path), "coco")
+
+
+def test_parquet_target_follows_the_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from maskgil.data.pretokenize import PretokenizeConfig
+
+    def cfg(d):
+        return PretokenizeConfig(source=str(d), format="parquet", out="unused", tokenizer="unused")
+
+    write_parquet(tmp_path / "labelled", n=4, size=16)
+    assert cfg(tmp_path / "labelled").resolved_target() == "label"
+    (tmp_path / "captions").mkdir()
+    pq.write_table(pa.table({"image": [b"x"], "caption": ["a cat"]}), tmp_path / "captions" / "p.parquet")
+    assert cfg(tmp_path / "captions").resolved_target() == "caption"
+    (tmp_path / "bare").mkdir()
+    pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "bare" / "p.parquet")
+    with pytest.raises(ValueError, match="neither a 'label' nor a 'caption' column"):
+        cfg(tmp_path / "bare").resolved_target()

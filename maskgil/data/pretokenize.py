@@ -28,7 +28,9 @@ from maskgil.data.images import BadImage, DecodeLimits, Preprocess, decode_image
 from maskgil.data.shards import SCHEMA_VERSION, TokenShardWriter
 from maskgil.data.sources import Columns, InputShard, plan_shards, read_shard
 
-DEFAULT_TARGET = {"imagenet": "label", "parquet": "label", "webdataset": "caption"}
+# What a row is conditioned on when --target is not given (parquet: "label" if the files have the
+# label column, else "caption").
+DEFAULT_TARGET = {"imagenet": "label", "parquet": None, "webdataset": "caption"}
 
 
 @dataclasses.dataclass
@@ -59,6 +61,8 @@ class PretokenizeConfig:
 
     def resolved_target(self) -> str:
         t = self.target or DEFAULT_TARGET[self.format]
+        if t is None:
+            t = parquet_target(self.source, self.columns)
         if t not in ("label", "caption"):
             raise ValueError(f"target must be 'label' or 'caption', got {t!r}")
         return t
@@ -68,6 +72,25 @@ class PretokenizeConfig:
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_pixels)
+
+
+def parquet_target(uri: str, columns: Columns) -> str:
+    """"label" when the Parquet files carry the label column, else "caption" when they carry captions."""
+    import pyarrow.parquet as pq
+
+    from maskgil.data.sources import _files, resolve
+
+    fs, root = resolve(uri)
+    files = [f for f in _files(fs, root) if f.path.endswith(".parquet")]
+    if not files:
+        raise ValueError(f"no .parquet files under {uri!r}")
+    names = pq.read_schema(files[0].path, filesystem=fs).names
+    if columns.label in names:
+        return "label"
+    if columns.caption in names:
+        return "caption"
+    raise ValueError(f"{files[0].path}: neither a {columns.label!r} nor a {columns.caption!r} column (columns: {names}); "
+                     "name them with --label-column / --caption-column")
 
 
 # ---------------------------------------------------------------------------------------------
