@@ -349,6 +349,9 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
             if len(new_recs) >= limit:
                 break  # stops the stream; a partial run (or a kill) is finished by rerunning
         bar.close()
+        if len(new_recs) < limit:
+            raise RuntimeError(f"the stream ended with {len(todo) - len(new_recs)} shards unwritten "
+                               f"({assembler.pending} partly received): records were lost between the stages")
 
     elapsed = time.time() - t0
     complete = all(writer.done_record(s.shard_id) is not None and writer.is_complete(s.shard_id, fingerprints[s.shard_id]) for s in plan)
