@@ -36,11 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", choices=["none", "flip", "ten-crop"], default="none")
     p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: crop from a centre crop this much larger")
     p.add_argument("--buckets", type=parse_buckets, default=None, help="aspect-ratio buckets WxH,WxH,... (caption sets)")
-    p.add_argument("--target", choices=["label", "caption"], default=None, help="default: label (imagenet/parquet), caption (webdataset)")
+    p.add_argument("--target", choices=["label", "caption"], default=None, help="default: label for imagenet; parquet: label if the column exists, else caption; webdataset: caption")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--num-tokenizers", type=int, default=1, help="tokenizer actor pool size")
     p.add_argument("--gpus-per-tokenizer", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
-    p.add_argument("--cpus-per-tokenizer", type=float, default=1.0)
+    p.add_argument("--cpus-per-tokenizer", type=float, default=1.0, help="CPUs reserved per tokenizer actor (torch threads on CPU)")
+    p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs reserved per decode task")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--min-side", type=int, default=32, help="quarantine images with a shorter side")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="quarantine images with more pixels")
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
         source=args.source, format=args.format, out=args.out, tokenizer=args.tokenizer, image_size=args.image_size,
         augment=args.augment, crop_range=args.crop_range, buckets=args.buckets, target=args.target,
         rows_per_shard=args.rows_per_shard, num_tokenizers=args.num_tokenizers, gpus_per_tokenizer=args.gpus_per_tokenizer,
-        cpus_per_tokenizer=args.cpus_per_tokenizer, batch_size=args.batch_size, min_side=args.min_side,
+        cpus_per_tokenizer=args.cpus_per_tokenizer, decode_cpus=args.decode_cpus, batch_size=args.batch_size, min_side=args.min_side,
         max_pixels=args.max_pixels, columns=Columns(args.image_column, args.label_column, args.caption_column),
         max_new_shards=args.max_new_shards)
 
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
         if run is not None:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             _log_outputs(mlflow, cfg.out)
         if summary["complete"] and not summary["reconciled"]:
             raise SystemExit("pretokenize: counts do not reconcile (seen != written + quarantined)")

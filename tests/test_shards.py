@@ -139,3 +139,16 @@ def test_assembler_waits_for_all_records():
     assert seen == 3 and bad == [{"source": "s2", "reason": "truncated"}]
     assert cols["source"] == ["s0", "s1"] and [t.tolist() for t in cols["tokens"]] == [[1, 2], [5, 6]]
     assert a.pending == 1  # shard 1 still open
+
+
+def test_optional_text_embedding_column(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, 8, "caption", text_embed_dim=4)
+    emb = np.array([[0.5, -1.0, 2.0, 0.25], [1.5, 0.0, -0.125, 3.0]], np.float32)  # exact in float16
+    w.write(0, "fp", {"tokens": np.zeros((2, 8), int), "grid_h": [2, 2], "grid_w": [4, 4], "caption": ["a", "b"],
+                      "source": ["x", "y"], "aug": [0, 0], "text_embedding": emb}, [], 2)
+    t = pq.read_table(tmp_path / "shards" / "shard-000000.parquet")
+    assert t.schema.field("text_embedding").type == pa.list_(pa.float16(), 4)
+    assert np.array_equal(np.array(t.column("text_embedding").to_pylist(), np.float32), emb)
+    with pytest.raises(ValueError, match="missing column 'text_embedding'"):
+        w.write(1, "fp", {"tokens": np.zeros((1, 8), int), "grid_h": [2], "grid_w": [4], "caption": ["a"],
+                          "source": ["x"], "aug": [0]}, [], 1)

@@ -28,7 +28,9 @@ from maskgil.data.images import BadImage, DecodeLimits, Preprocess, decode_image
 from maskgil.data.shards import SCHEMA_VERSION, TokenShardWriter
 from maskgil.data.sources import Columns, InputShard, plan_shards, read_shard
 
-DEFAULT_TARGET = {"imagenet": "label", "parquet": "label", "webdataset": "caption"}
+# What a row is conditioned on when --target is not given (parquet: "label" if the files have the
+# label column, else "caption").
+DEFAULT_TARGET = {"imagenet": "label", "parquet": None, "webdataset": "caption"}
 
 
 @dataclasses.dataclass
@@ -46,6 +48,10 @@ class PretokenizeConfig:
     num_tokenizers: int = 1  # actor pool size
     gpus_per_tokenizer: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_tokenizer: float = 1.0
+    # CPUs per decode task. Kept different from cpus_per_tokenizer: Ray Data fuses a task stage into
+    # an actor stage with identical resources, and the fused actor then takes `batch_size` whole input
+    # shards per call, so no shard reaches the writer until all of them are tokenized.
+    decode_cpus: float = 0.5
     batch_size: int = 64  # images per tokenizer call
     chunk_size: int = 32  # records per block out of the decode stage
     min_side: int = 32
@@ -55,6 +61,8 @@ class PretokenizeConfig:
 
     def resolved_target(self) -> str:
         t = self.target or DEFAULT_TARGET[self.format]
+        if t is None:
+            t = parquet_target(self.source, self.columns)
         if t not in ("label", "caption"):
             raise ValueError(f"target must be 'label' or 'caption', got {t!r}")
         return t
@@ -64,6 +72,25 @@ class PretokenizeConfig:
 
     def limits(self) -> DecodeLimits:
         return DecodeLimits(self.min_side, self.max_pixels)
+
+
+def parquet_target(uri: str, columns: Columns) -> str:
+    """"label" when the Parquet files carry the label column, else "caption" when they carry captions."""
+    import pyarrow.parquet as pq
+
+    from maskgil.data.sources import _files, resolve
+
+    fs, root = resolve(uri)
+    files = [f for f in _files(fs, root) if f.path.endswith(".parquet")]
+    if not files:
+        raise ValueError(f"no .parquet files under {uri!r}")
+    names = pq.read_schema(files[0].path, filesystem=fs).names
+    if columns.label in names:
+        return "label"
+    if columns.caption in names:
+        return "caption"
+    raise ValueError(f"{files[0].path}: neither a {columns.label!r} nor a {columns.caption!r} column (columns: {names}); "
+                     "name them with --label-column / --caption-column")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,14 +320,22 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+        decode_cpus = cfg.decode_cpus
+        if not gpus and decode_cpus == cfg.cpus_per_tokenizer:
+            decode_cpus = 0.999 * decode_cpus  # see PretokenizeConfig.decode_cpus: keep the stages apart
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cfg.num_tokenizers * cfg.cpus_per_tokenizer + decode_cpus > cpus:
+            raise ValueError(f"{cfg.num_tokenizers} tokenizer actors x {cfg.cpus_per_tokenizer} CPU + {decode_cpus} CPU for "
+                             f"decoding exceed the cluster's {cpus:g} CPUs and would never be scheduled: "
+                             "lower num_tokenizers or cpus_per_tokenizer")
+        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
                             fn_kwargs=dict(preprocess=pre, limits=cfg.limits(), target=target, columns=cfg.columns,
                                            chunk_size=cfg.chunk_size))
         ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizers),
                             num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
                             fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device="cuda" if gpus else "cpu",
-                                                       batch_size=cfg.batch_size, threads=cfg.cpus_per_tokenizer))
+                                                       batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
         limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)
@@ -309,11 +344,14 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
                 if len(new_recs) >= limit:
                     break
                 cols, quarantine, seen = assembler.take(s)
-                new_recs.append(writer.write(s, fingerprints[s], cols, quarantine, seen))
+                new_recs.append({**writer.write(s, fingerprints[s], cols, quarantine, seen), "at_s": time.time() - t0})
                 bar.update(1)
             if len(new_recs) >= limit:
                 break  # stops the stream; a partial run (or a kill) is finished by rerunning
         bar.close()
+        if len(new_recs) < limit:
+            raise RuntimeError(f"the stream ended with {len(todo) - len(new_recs)} shards unwritten "
+                               f"({assembler.pending} partly received): records were lost between the stages")
 
     elapsed = time.time() - t0
     complete = all(writer.done_record(s.shard_id) is not None and writer.is_complete(s.shard_id, fingerprints[s.shard_id]) for s in plan)
@@ -326,6 +364,9 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         "seconds": elapsed,
         "images_per_s": sum(r["written_inputs"] for r in new_recs) / max(elapsed, 1e-9),
         "rows_per_s": sum(r["rows"] for r in new_recs) / max(elapsed, 1e-9),
+        # Seconds from the start to each shard written: startup cost vs steady rate.
+        "shard_written_at_s": [round(r["at_s"], 3) for r in new_recs],
+        "shard_inputs_written": [r["written_inputs"] for r in new_recs],
     }
     if complete:
         grid = None if pre.buckets else [cfg.image_size // ds_factor] * 2

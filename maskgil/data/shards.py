@@ -176,12 +176,12 @@ class TokenShardWriter:
         for f in self.schema:
             if f.name == "tokens":
                 continue
+            if f.name not in rows:
+                raise ValueError(f"missing column {f.name!r} for this shard schema")
             if f.name == "text_embedding":
                 emb = np.asarray(rows["text_embedding"], np.float16)
                 cols[f.name] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), f.type.list_size)
             else:
-                if f.name not in rows:
-                    raise ValueError(f"missing column {f.name!r} for this shard schema")
                 cols[f.name] = pa.array(list(rows[f.name]), f.type)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
@@ -318,13 +318,17 @@ def token_dataset(shard_dir: str, grid: tuple[int, int] | None = None):
     (`get_dataset_shard(...).iter_torch_batches(batch_size=...)`). Caption sets: tokens only for now."""
     import ray.data
 
+    from ray.data.expressions import col
+
     m = read_manifest(shard_dir)
     fs, files = shard_files(shard_dir)
     ds = ray.data.read_parquet(files, filesystem=fs)
-    if m.get("grid") is None or grid is not None:
+    fixed = tuple(m["grid"]) if m.get("grid") else None
+    if fixed is None:  # aspect-ratio buckets: several grids in the same files
         if grid is None:
-            raise ValueError("these shards use aspect-ratio buckets: pass grid=(h, w) to pick one")
-        gh, gw = grid
-        ds = ds.filter(expr=f"grid_h == {gh} and grid_w == {gw}")
+            raise ValueError(f"{shard_dir}: shards use aspect-ratio buckets {m.get('buckets')}: pass grid=(h, w) to pick one")
+        ds = ds.filter(expr=(col("grid_h") == int(grid[0])) & (col("grid_w") == int(grid[1])))
+    elif grid is not None and tuple(grid) != fixed:
+        raise ValueError(f"{shard_dir}: shards hold a {fixed[0]}x{fixed[1]} token grid, not {grid[0]}x{grid[1]}")
     keep = ["tokens"] + (["label"] if m.get("target") == "label" else [])
     return ds.select_columns(keep).map_batches(_to_training_columns, batch_format="pyarrow")
