@@ -287,7 +287,9 @@ def load_tokens(shard_dir: str, grid: tuple[int, int] | None = None) -> dict[str
 def iter_token_batches(shard_dir: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                        grid: tuple[int, int] | None = None, drop_last: bool = False) -> Iterator[dict[str, Any]]:
     """One pass over the shards as torch batches: {"tokens": (B, h*w) long, "label": (B,) long, "grid": (h, w)}
-    (caption sets: "caption": list[str] instead of "label"). Shuffle is a seeded global permutation."""
+    (caption sets: "caption": list[str] instead of "label"). Shuffle is a seeded global permutation.
+    Holds the chosen grid's tokens in memory as int64 (8 bytes per token): for tests
+    and small sets; training at scale reads `token_dataset` instead."""
     import torch
 
     data = load_tokens(shard_dir, grid)
