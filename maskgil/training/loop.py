@@ -292,6 +292,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     metrics: dict[str, Any] = {}
     grid = grid_at(state["step"], cfg, default_grid)
     iterator = _epoch_iter(data, grid, state)
+    fresh_epoch, full_in_epoch = state["batches_in_epoch"] == 0, 0  # a resumed epoch may be nearly done
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -306,21 +307,24 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                 grid = new_grid
                 state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
                 iterator = _epoch_iter(data, grid, state)
+                fresh_epoch, full_in_epoch = True, 0
                 tokens_per_step = cfg.global_batch * grid[0] * grid[1]
             micro = []
             while len(micro) < accum:
                 try:
                     b = next(iterator)
                 except StopIteration:  # epoch done: drop the partial step, reshuffle
-                    if state["batches_in_epoch"] == 0 and not micro:
-                        raise RuntimeError("the data source yielded no full micro-batch in an epoch")
+                    if fresh_epoch and full_in_epoch < accum:
+                        raise RuntimeError(f"an epoch of this worker's data holds {full_in_epoch} micro-batches of "
+                                           f"{micro_batch} rows, fewer than one step needs ({accum})") from None
                     state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
-                    micro = []
+                    micro, fresh_epoch, full_in_epoch = [], True, 0
                     iterator = _epoch_iter(data, grid, state)
                     continue
                 state["batches_in_epoch"] += 1
                 if len(b["label"]) != micro_batch:
                     continue  # ragged tail batch: skip (drop_last)
+                full_in_epoch += 1
                 micro.append(b)
             metrics = train_step(model, optimizer, micro, cfg, step, grid, rank, world_size, device)
             state["step"] = step + 1
