@@ -54,6 +54,10 @@ class LlamaConfig:
     grid_size: tuple[int, int] = (16, 16)  # default token grid; any grid works at run time
     llamagen_compat: bool = False  # LlamaGen quirk: zero (not identity) rotary rows at prefix positions
     init_std: float = 0.02
+    # Token factorisation for huge implicit codebooks (Open-MAGVIT2 LFQ, 2^18 codes): bits per
+    # sub-token, most significant first, e.g. (9, 9) or (6, 12). Inputs are summed sub-token
+    # embeddings, outputs one head per sub-token (logits concatenated); vocab_size = 2^sum(bits).
+    factorization: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.dim % self.n_heads:
@@ -67,6 +71,15 @@ class LlamaConfig:
         if self.cond == "text" and (self.text_dim <= 0 or self.text_len <= 0):
             raise ValueError("text conditioning needs text_dim > 0 and text_len > 0")
         self.grid_size = tuple(self.grid_size)
+        self.factorization = tuple(self.factorization)
+        if self.factorization and 2 ** sum(self.factorization) != self.vocab_size:
+            raise ValueError(f"factorization {self.factorization} covers 2^{sum(self.factorization)} codes, "
+                             f"vocab_size is {self.vocab_size}")
+
+    @property
+    def sub_vocab_sizes(self) -> tuple[int, ...]:
+        """Output sizes of the heads: (vocab_size,) or one 2^bits per sub-token."""
+        return tuple(2 ** b for b in self.factorization) or (self.vocab_size,)
 
     @property
     def head_dim(self) -> int:
@@ -250,8 +263,11 @@ class LlamaGenerator(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = cfg = config
-        n_in = cfg.vocab_size + (0 if cfg.causal else 1)  # + mask token for masked models
-        self.tok_embeddings = nn.Embedding(n_in, cfg.dim)
+        extra = 0 if cfg.causal else 1  # + mask token for masked models
+        if cfg.factorization:
+            self.sub_embeddings = nn.ModuleList(nn.Embedding(v + extra, cfg.dim) for v in cfg.sub_vocab_sizes)
+        else:
+            self.tok_embeddings = nn.Embedding(cfg.vocab_size + extra, cfg.dim)
         if cfg.cond == "class":
             self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout)
         else:
@@ -259,7 +275,10 @@ class LlamaGenerator(nn.Module):
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.factorization:
+            self.sub_heads = nn.ModuleList(nn.Linear(cfg.dim, v, bias=False) for v in cfg.sub_vocab_sizes)
+        else:
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope_cache: dict = {}
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
@@ -275,9 +294,42 @@ class LlamaGenerator(nn.Module):
     def mask_token_id(self) -> int | None:
         return self.config.mask_token_id
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def split_tokens(self, tokens) -> torch.Tensor:
+        """(B, N) codes -> (B, N, S) sub-tokens (S = 1 without factorisation); mask id -> each sub mask id."""
+        if not self.config.factorization:
+            return tokens[..., None]
+        from maskgil.tokenizers.lfq import factorize_codes
+
+        masked = tokens == self.config.vocab_size
+        sub = factorize_codes(torch.where(masked, 0, tokens), self.config.factorization)
+        sizes = torch.tensor(self.config.sub_vocab_sizes, device=tokens.device)
+        return torch.where(masked[..., None], sizes, sub)
+
+    def split_logits(self, logits) -> list[torch.Tensor]:
+        """(B, N, sum of head sizes) -> one (B, N, V_s) tensor per sub-token."""
+        return list(logits.split(self.config.sub_vocab_sizes, dim=-1))
+
+    def join_tokens(self, sub_tokens) -> torch.Tensor:
+        """(B, N, S) sub-tokens -> (B, N) codes."""
+        if not self.config.factorization:
+            return sub_tokens[..., 0]
+        from maskgil.tokenizers.lfq import unfactorize_codes
+
+        return unfactorize_codes(sub_tokens, self.config.factorization)
+
+    def embed_tokens(self, tokens):  # (B, T) -> (B, T, D)
+        if not self.config.factorization:
+            return self.tok_embeddings(tokens)
+        sub = self.split_tokens(tokens)
+        return sum(emb(sub[..., j]) for j, emb in enumerate(self.sub_embeddings))
+
+    def head(self, h):  # (B, T, D) -> (B, T, sum of head sizes)
+        if not self.config.factorization:
+            return self.output(h)
+        return torch.cat([head(h) for head in self.sub_heads], dim=-1)
 
     def reset_buffers(self, device=None):
         self._rope_cache = {}
@@ -314,7 +366,7 @@ class LlamaGenerator(nn.Module):
         P = self.config.prefix_len
         prefix = self.embed_condition(cond, drop_cond)  # (B, P, D)
         body = tokens[:, :-1] if self.config.causal else tokens  # causal: token i is predicted at i-1
-        x = torch.cat([prefix, self.tok_embeddings(body)], dim=1)  # (B, L, D); L = P + N (- 1 if causal)
+        x = torch.cat([prefix, self.embed_tokens(body)], dim=1)  # (B, L, D); L = P + N (- 1 if causal)
         x = self.tok_dropout(x)
         L = x.shape[1]
         rope = self.rope(grid, x.device)
@@ -323,7 +375,7 @@ class LlamaGenerator(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, attn_mask=mask, is_causal=self.config.causal)
         h = self.norm(x)[:, P - 1:P - 1 + N] if self.config.causal else self.norm(x)[:, P:]  # (B, N, D)
-        logits = self.output(h).float()  # (B, N, V)
+        logits = self.head(h).float()  # (B, N, V) (V = sum of sub-token heads when factorised)
         return (logits, h) if return_hidden else logits
 
     def _attn_mask(self, B, L, text_mask, device):
@@ -369,7 +421,7 @@ class LlamaGenerator(nn.Module):
                 mask[..., :n] &= text_mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, rope, attn_mask=mask, cache_start=start)
-        return self.output(self.norm(x[:, -1])).float()  # (B, V): logits for the next token
+        return self.head(self.norm(x[:, -1])).float()  # (B, V): logits for the next token
 
     @torch.no_grad()
     def prefill(self, cond, grid, drop_cond=None, text_mask=None):
@@ -382,5 +434,5 @@ class LlamaGenerator(nn.Module):
         """Feed image tokens (B, T) at image positions [start_index, start_index+T) into the cache.
 
         Returns logits (B, V) predicting image token start_index + T."""
-        x = self.tok_embeddings(tokens)
+        x = self.embed_tokens(tokens)
         return self._cached_forward(x, self.config.prefix_len + start_index, grid, getattr(self, "_text_mask", None))

@@ -31,11 +31,14 @@ class TransformerConfig:
     init_std: float = 0.02
     causal: bool = False  # always bidirectional; present so callers can branch on it uniformly
     cond: str = "class"
+    factorization: tuple[int, ...] = ()  # not supported by the baseline; present for uniform callers
 
     def __post_init__(self):
         self.grid_size = tuple(self.grid_size)
         if self.causal:
             raise ValueError("the Bidirectional Transformer baseline is never causal")
+        if self.factorization:
+            raise ValueError("token factorisation is implemented for the LLaMA models only")
 
     @property
     def prefix_len(self) -> int:
@@ -44,6 +47,10 @@ class TransformerConfig:
     @property
     def mask_token_id(self) -> int:
         return self.vocab_size
+
+    @property
+    def sub_vocab_sizes(self) -> tuple[int, ...]:
+        return (self.vocab_size,)
 
     @property
     def null_class(self) -> int:
@@ -103,6 +110,15 @@ class BidirectionalTransformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def split_tokens(self, tokens):
+        return tokens[..., None]
+
+    def split_logits(self, logits):
+        return [logits]
+
+    def join_tokens(self, sub_tokens):
+        return sub_tokens[..., 0]
 
     def forward(self, tokens, cond, grid=None, drop_cond=None, text_mask=None, return_hidden=False):
         """tokens (B, h*w) with mask id at unknown positions, cond (B,) -> logits (B, h*w, vocab)."""

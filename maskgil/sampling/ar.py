@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from maskgil.sampling.logits import cfg_combine, cfg_scale_at, filter_logits, sample_from_logits
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
         for j in range(n_new):
             pos = k0 + j
             l = cfg_combine(logits[:B], logits[B:], cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)) if use_cfg else logits
-            tok = sample_from_logits(filter_logits(l, temperature, top_k, top_p), generator)  # (B,)
+            tok, _ = sample_tokens(model, l, temperature, top_k, top_p, generator)  # (B,)
             out.append(tok)
             if j + 1 < n_new:
                 logits = model.decode_tokens(torch.cat([tok] * rows)[:, None], pos, grid)

@@ -41,3 +41,18 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None =
     probs = logits.softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def sample_tokens(model, logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None):
+    """Draw codes from model logits (..., sum of head sizes), factorised or not.
+
+    Each sub-token is filtered and sampled independently; returns (codes (...), log p of the drawn
+    code (...)), the latter the sum of the sub-token log-probabilities (MaskGIT's confidence)."""
+    subs, logp = [], 0.0
+    for part in model.split_logits(logits):
+        part = filter_logits(part, temperature, top_k, top_p)
+        s = sample_from_logits(part, generator)
+        logp = logp + part.log_softmax(-1).gather(-1, s[..., None]).squeeze(-1)
+        subs.append(s)
+    return model.join_tokens(torch.stack(subs, -1)), logp

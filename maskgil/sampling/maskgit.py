@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from maskgil.sampling.logits import cfg_combine, cfg_scale_at, filter_logits, sample_from_logits
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 from maskgil.sampling.schedules import masked_after_steps
 
 
@@ -60,9 +60,7 @@ def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int 
             break
         progress = (i + 1) / steps
         logits = guided_logits(model, tokens, cond, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask)
-        logits = filter_logits(logits, temperature, top_k)  # (B, N, V)
-        sampled = sample_from_logits(logits, generator)  # (B, N)
-        logp = logits.log_softmax(-1).gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
+        sampled, logp = sample_tokens(model, logits, temperature, top_k, generator=generator)  # (B, N) each
         noise = gumbel_noise((B, N), generator, device) * (choice_temperature * (1.0 - progress))
         confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))
         n_reveal = unknown.sum(1) - plan[:, i]  # (B,)

@@ -1,0 +1,154 @@
+"""Sampler and forward-pass performance for one preset, all figures from the same run (JSON out).
+
+    python benchmarks/bench_sampling.py --preset b          # maskgil-b vs llamagen-b (issue goal figures)
+    python benchmarks/bench_sampling.py --preset tiny       # quick
+
+Reports
+- images/s and latency per image for MAR-8, AR (KV cache, all tokens) and fusion (k = N/2, m = 4),
+  at batch 1 and 16, CFG on;
+- achieved FLOP/s of one full bidirectional forward at batch 16 vs the matmul peak measured here
+  (fp32 on CPU, bf16 on GPU); goal >= 60 % on CPU for maskgil-b;
+- AR decode time per token step vs the time to read every weight once; goal <= 2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from maskgil.models import build_model
+from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
+
+
+def timeit(fn, repeat: int, sync) -> float:
+    """Best-of-`repeat` seconds for fn() after one warm-up call."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_peak(device, dtype, sync, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 8 if device.type == "cpu" else 50
+
+    def run():
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return 2 * n ** 3 * reps / timeit(run, 3, sync)
+
+
+def forward_flops(model, batch: int, rows: int) -> float:
+    """Matmul FLOPs of one forward: 2 * tokens * (linear weights) + attention (QK^T and AV)."""
+    c = model.config
+    n_img = c.grid_size[0] * c.grid_size[1]
+    L = n_img + c.prefix_len
+    per_layer = sum(p.numel() for n, p in model.layers[0].named_parameters() if p.dim() == 2)
+    linear = 2 * batch * L * per_layer * c.n_layers
+    attention = 2 * 2 * batch * L * L * c.dim * c.n_layers
+    head = 2 * batch * rows * c.dim * c.vocab_size
+    return linear + attention + head
+
+
+def weight_read_seconds(model, sync) -> float:
+    """Time to stream every parameter through memory once (a reduction touches each byte)."""
+    params = [p.detach() for p in model.parameters()]
+
+    def run():
+        for p in params:
+            p.sum()
+
+    return timeit(run, 5, sync)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="b", help="size suffix (tiny, b, l, ...): maskgil-<size> vs llamagen-<size>")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per figure (best is reported)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    mar = build_model(f"maskgil-{args.preset}").to(device, dtype).eval()
+    ar = build_model(f"llamagen-{args.preset}").to(device, dtype).eval()
+    grid = mar.config.grid_size
+    N = grid[0] * grid[1]
+    k = N // 2
+    out = {"preset": args.preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "grid": list(grid), "cfg_scale": args.cfg, "sampling": {}}
+
+    # ---- sampler throughput
+    for B in [int(b) for b in args.batches.split(",")]:
+        cond = torch.arange(B, device=device) % mar.config.num_classes
+        g = torch.Generator(device=device)
+        runs = {
+            "mar_8": lambda: sample_maskgit(mar, cond, grid, steps=8, cfg_scale=args.cfg, generator=g.manual_seed(0)),
+            f"ar_{N}": lambda: sample_ar(ar, cond, grid, cfg_scale=args.cfg, generator=g.manual_seed(0)),
+            f"fusion_k{k}_m4": lambda: sample_fusion(ar, mar, cond, grid, ar_tokens=k, mar_steps=4,
+                                                     cfg_scale=args.cfg, generator=g.manual_seed(0)),
+        }
+        for name, fn in runs.items():
+            s = timeit(fn, args.repeat, sync)
+            out["sampling"][f"{name}_batch{B}"] = {"seconds": round(s, 4), "images_per_s": round(B / s, 3),
+                                                   "latency_per_image_s": round(s / B, 4)}
+    b16 = max(int(b) for b in args.batches.split(","))
+    sp = out["sampling"]
+    out["ratios"] = {
+        "mar8_vs_ar_speedup": round(sp[f"ar_{N}_batch{b16}"]["seconds"] / sp[f"mar_8_batch{b16}"]["seconds"], 2),
+        "fusion_vs_ar_speedup": round(sp[f"ar_{N}_batch{b16}"]["seconds"] / sp[f"fusion_k{k}_m4_batch{b16}"]["seconds"], 2),
+    }
+
+    # ---- FLOP/s of one full bidirectional forward at batch 16 vs measured matmul peak
+    Bf = 16
+    toks = torch.randint(0, mar.config.vocab_size, (Bf, N), device=device)
+    cond = torch.arange(Bf, device=device) % mar.config.num_classes
+    with torch.no_grad():
+        fwd = timeit(lambda: mar(toks, cond, grid), max(2, args.repeat), sync)
+    flops = forward_flops(mar, Bf, N)
+    peak = matmul_peak(device, dtype, sync)
+    out["forward"] = {"batch": Bf, "seconds": round(fwd, 4), "gflop": round(flops / 1e9, 1),
+                      "achieved_gflops": round(flops / fwd / 1e9, 1), "matmul_peak_gflops": round(peak / 1e9, 1),
+                      "fraction_of_peak": round(flops / fwd / peak, 3), "goal": ">= 0.60 on CPU"}
+
+    # ---- AR decode step vs reading every weight once (batch 1 with CFG = 2 rows)
+    cond1 = torch.zeros(1, dtype=torch.long, device=device)
+    steps_timed = min(64, N - 1)
+    ar.setup_kv_cache(2, grid)
+    with torch.no_grad():
+        logits = ar.prefill(torch.cat([cond1, cond1]), grid, drop_cond=torch.tensor([False, True], device=device))
+        tok = logits.argmax(-1)[:, None]
+        ar.decode_tokens(tok, 0, grid)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for j in range(1, steps_timed + 1):
+            ar.decode_tokens(tok, j, grid)
+        sync()
+        step = (time.perf_counter() - t) / steps_timed
+    ar.clear_kv_cache()
+    read = weight_read_seconds(ar, sync)
+    out["ar_decode"] = {"seconds_per_token_step": round(step, 5), "weight_read_seconds": round(read, 5),
+                        "ratio": round(step / read, 2), "weights_mb": round(sum(p.numel() * p.element_size()
+                                                                                  for p in ar.parameters()) / 2**20, 1),
+                        "goal": "<= 2.0"}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: the embedded procedural image set, image decoding/preprocessing and token shards."""

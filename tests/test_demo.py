@@ -1,0 +1,15 @@
+import json
+
+from maskgil.demo import main
+
+
+def test_demo_runs_all_three_samplers(capsys):
+    main(["--batch", "2", "--steps", "4", "--fusion-steps", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert set(report) == {"mar-4", "ar-64", "fusion-k32-m2"}
+    assert all(v["seconds"] > 0 for v in report.values())
+    # same seed: fusion's first row starts with the AR row's prefix
+    ar_row = next(l for l in out if l.strip().startswith("ar-64"))
+    fu_row = next(l for l in out if l.strip().startswith("fusion"))
+    assert ar_row.split("first row:")[1] == fu_row.split("first row:")[1]
