@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3, help="timed batches after two warm-up batches")
     p.add_argument("--pr-n", type=int, default=10_000, help="features per set for precision/recall (0: skip)")
     p.add_argument("--pr-dim", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=4096)
     p.add_argument("--fid-dim", type=int, default=0, help="also time one D x D sqrtm (2048 = real FID); 0: skip")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
