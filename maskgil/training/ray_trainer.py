@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from maskgil.data.shards import token_dataset
 from maskgil.models import build_model
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, fit,
@@ -33,19 +34,10 @@ NONFINITE_TAG = "maskgil.nonfinite"  # set by rank 0 when the loss turns NaN/inf
 
 
 # ---------------------------------------------------------------------------- data
-def token_dataset(shard_dir: str):
-    """The token shards as a Ray Dataset with the two columns training reads."""
-    import ray.data
-
-    files = sorted(str(p) for p in Path(shard_dir).rglob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"no .parquet token shards under {shard_dir} (run pipelines/pretokenize.py first)")
-    return ray.data.read_parquet(files).select_columns(["tokens", "label"])
-
-
 def read_shard_manifest(shard_dir: str) -> dict:
-    p = Path(shard_dir) / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    from maskgil.data.shards import read_manifest
+
+    return read_manifest(shard_dir)
 
 
 def _as_batch(b: dict) -> dict:
@@ -259,9 +251,10 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
             client.delete_tag(run_id, NONFINITE_TAG)
     else:
         mrun = client.create_run(experiment.experiment_id, run_name=name,
-                                 tags={"maskgil.kind": "train", "maskgil.preset": train.preset})
+                                 tags={"maskgil.kind": "train", "maskgil.preset": train.preset, **(run["tags"] or {})})
         run_id = mrun.info.run_id
         params = _flatten({k: v for k, v in cfg.items() if k != "train"})
+        params.pop("run.tags", None)
         params.update({f"train.{k}": v for k, v in train.to_dict().items()})
         params["data.codebook_size"] = codebook
         for k, v in list(params.items()):
@@ -288,7 +281,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=int(run["max_failures"]))),
-        datasets={f"train_{h}x{w}": token_dataset(d) for (h, w), d in grids.items()},
+        datasets={f"train_{h}x{w}": token_dataset(d, grid=(h, w)) for (h, w), d in grids.items()},
     )
     status = "FAILED"
     try:

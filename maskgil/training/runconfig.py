@@ -19,7 +19,7 @@ DEFAULTS = {
     "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0, "gpus_per_worker": 1.0,
                 "threads_per_worker": 1},
     "run": {"name": None, "storage_path": "runs/ray_train", "max_failures": 0, "tracking_uri": "sqlite:///mlflow.db",
-            "experiment": "maskgil-train", "output": None, "tokenizer": None},
+            "experiment": "maskgil-train", "output": None, "tokenizer": None, "tags": {}},
     "sample": {"classes": None, "per_class": 2, "cfg_scale": 2.0, "steps": 8, "temperature": 1.0,
                "choice_temperature": 4.5, "top_k": None},
 }
