@@ -113,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     strategy = resolve_strategy(cfg.strategy, cfg.preset, world, config["use_gpu"])
+    cfg.strategy = strategy  # train_step picks autocast (DDP) vs FSDP2 mixed precision from it
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = wrap_model(build_model(cfg.preset, **cfg.model_overrides), strategy, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
