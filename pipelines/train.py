@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from maskgil.training.ray_trainer import run_training
-from maskgil.training.runconfig import load_run_config, parse_overrides
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from maskgil.training.ray_trainer import run_training  # noqa: E402
+from maskgil.training.runconfig import load_run_config, parse_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
