@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -219,6 +220,8 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
                tags={"mlflow.parentRunId": parent_id})
     over.setdefault("scaling", {}).setdefault("num_workers", args.num_workers)
     cfg = load_run_config(config, over)
+    if kind in args.redo or "all" in args.redo:  # start over: forget the Ray Train run (and its MLflow run id)
+        shutil.rmtree(Path(cfg["run"]["storage_path"]) / cfg["run"]["name"], ignore_errors=True)
     res = run_training(cfg, verbose=0)
     m = res.get("metrics", {})
     return {"step": res["step"], "final_loss": m.get("loss"), "run_id": res["run_id"], "checkpoint": res["checkpoint"]}
