@@ -278,8 +278,9 @@ def print_summary(summary: dict, times: dict, total: float, dirs: dict) -> None:
         info = summary.get(s, {})
         shown = {k: v for k, v in info.items() if k not in ("seconds", "run_id", "checkpoint", "train_dir")}
         secs = info.get("seconds", 0.0)
-        print(f"{s:<11} {secs:7.1f}s  {json.dumps(shown, default=str)[:160]}")
-    print(f"{'total':<11} {total:7.1f}s  (stages skipped as already complete count 0 here)")
+        cached = " (cached: time of the run that made it)" if times.get(s, 0.0) == 0.0 else ""
+        print(f"{s:<11} {secs:7.1f}s  {json.dumps(shown, default=str)[:160]}{cached}")
+    print(f"{'total':<11} {total:7.1f}s  this invocation's wall time")
     r = summary.get("samples", {})
     if r:
         print(f"\nMAR class accuracy at CFG 2: {r['mar_accuracy']:.1%} (colour {r['mar_colour_accuracy']:.1%}, "
