@@ -46,9 +46,23 @@ def _smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
                            reduction="none").view(targets.shape)
 
 
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, label_smoothing: float,
+                        factorization: tuple[int, ...] = ()) -> torch.Tensor:
+    """Per-token CE (B, N). With factorised tokens (LFQ) the logits hold one head per sub-token and
+    the loss is the sum of the sub-token cross-entropies (the code's log-likelihood factorises)."""
+    if not factorization:
+        return _smoothed_ce(logits, tokens, label_smoothing)
+    from maskgil.tokenizers.lfq import factorize_codes
+
+    subs = factorize_codes(tokens, factorization)  # (B, N, S)
+    parts = logits.split([2 ** b for b in factorization], dim=-1)
+    return sum(_smoothed_ce(part, subs[..., j], label_smoothing) for j, part in enumerate(parts))
+
+
 def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *, mask_id: int,
                       class_dropout: float = 0.1, schedule: str = "cosine", label_smoothing: float = 0.1,
-                      generator: torch.Generator | None = None, mask: torch.Tensor | None = None) -> LossOutput:
+                      generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
+                      factorization: tuple[int, ...] = ()) -> LossOutput:
     """MaskGIL / MaskGIT objective: hide ceil(gamma(r) N) tokens, predict them, CE on hidden tokens only.
 
     `model` may be DDP/FSDP-wrapped, hence `mask_id` is passed explicitly. `mask` (B, N) bool
@@ -60,19 +74,19 @@ def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: t
     drop = condition_dropout(B, class_dropout, generator).to(device)
     inputs = tokens.masked_fill(mask, mask_id)  # (B, N): unknown positions hold the mask id
     logits = model(inputs, labels, grid, drop_cond=drop)  # (B, N, V)
-    per_token = _smoothed_ce(logits, tokens, label_smoothing) * mask  # (B, N)
+    per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization) * mask  # (B, N)
     n = int(mask.sum())
     return LossOutput(per_token.sum() / max(n, 1), n, per_token, mask, inputs)
 
 
 def next_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *,
                     class_dropout: float = 0.1, label_smoothing: float = 0.0,
-                    generator: torch.Generator | None = None) -> LossOutput:
+                    generator: torch.Generator | None = None, factorization: tuple[int, ...] = ()) -> LossOutput:
     """LlamaGen AR objective: logits[:, i] predicts token i from the condition and tokens < i."""
     B, N = tokens.shape
     drop = condition_dropout(B, class_dropout, generator).to(tokens.device)
     logits = model(tokens, labels, grid, drop_cond=drop)  # (B, N, V), shifted inside the model
-    per_token = _smoothed_ce(logits, tokens, label_smoothing)  # (B, N)
+    per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization)  # (B, N)
     scored = torch.ones_like(tokens, dtype=torch.bool)
     return LossOutput(per_token.mean(), B * N, per_token, scored, tokens)
 
@@ -83,8 +97,8 @@ def compute_loss(model, config, tokens, labels, grid, *, schedule: str = "cosine
     if getattr(config, "causal", False):
         ls = 0.0 if label_smoothing is None else label_smoothing
         return next_token_loss(model, tokens, labels, grid, class_dropout=config.class_dropout, label_smoothing=ls,
-                               generator=generator)
+                               generator=generator, factorization=tuple(getattr(config, "factorization", ())))
     ls = 0.1 if label_smoothing is None else label_smoothing
     return masked_token_loss(model, tokens, labels, grid, mask_id=config.mask_token_id,
                              class_dropout=config.class_dropout, schedule=schedule, label_smoothing=ls,
-                             generator=generator)
+                             generator=generator, factorization=tuple(getattr(config, "factorization", ())))
