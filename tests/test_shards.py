@@ -1,0 +1,141 @@
+"""Token shard files: schema, crash-safe writing, completion records, manifest, plain reader (no Ray)."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from maskgil.data.pretokenize import ShardAssembler
+from maskgil.data.shards import (TokenShardWriter, iter_token_batches, load_tokens, read_manifest, token_dtype,
+                                 token_schema)
+
+
+def _rows(n, n_tok, codebook, seed=0, label0=0):
+    rng = np.random.default_rng(seed)
+    return {"tokens": rng.integers(0, codebook, (n, n_tok)), "grid_h": [2] * n, "grid_w": [n_tok // 2] * n,
+            "label": list(range(label0, label0 + n)), "source": [f"img{label0 + i}" for i in range(n)], "aug": [0] * n}
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(65536) == pa.uint16()  # ids 0..65535 fit
+    assert token_dtype(65537) == pa.uint32()
+    assert token_dtype(262144) == pa.uint32()
+    s = token_schema(16384, 256, "label")
+    assert s.field("tokens").type == pa.list_(pa.uint16(), 256)
+    assert s.names == ["tokens", "grid_h", "grid_w", "label", "source", "aug"]
+    c = token_schema(16384, None, "caption", text_embed_dim=384)
+    assert c.field("tokens").type == pa.list_(pa.uint16())
+    assert c.field("text_embedding").type == pa.list_(pa.float16(), 384)
+    assert "caption" in c.names and "label" not in c.names
+
+
+@pytest.mark.parametrize("codebook", [512, 262144])
+def test_write_read_round_trip(tmp_path, codebook):
+    w = TokenShardWriter(str(tmp_path), codebook, 8, "label")
+    rows = [_rows(5, 8, codebook, seed=k, label0=10 * k) for k in range(2)]
+    for k in range(2):
+        rec = w.write(k, f"fp{k}", rows[k], quarantine=[{"source": f"bad{k}", "reason": "not an image"}], seen=6)
+        assert rec["rows"] == 5 and rec["quarantined"] == 1 and rec["seen"] == 6
+    m = w.finalize(2, {"image_size": 32, "grid": [2, 4]})
+    assert (m["rows_written"], m["inputs_seen"], m["inputs_written"], m["inputs_quarantined"]) == (10, 12, 10, 2)
+    assert read_manifest(str(tmp_path))["token_dtype"] == ("uint16" if codebook <= 65536 else "uint32")
+    t = pq.read_table(tmp_path / "shards" / "shard-000001.parquet")
+    assert t.schema.field("tokens").type.value_type == (pa.uint16() if codebook <= 65536 else pa.uint32())
+    got = load_tokens(str(tmp_path))
+    expect = np.concatenate([r["tokens"] for r in rows])
+    assert np.array_equal(got["tokens"], expect) and got["tokens"].dtype == np.int64
+    assert got["label"].tolist() == list(range(5)) + list(range(10, 15)) and got["grid"] == (2, 4)
+    q = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert q == [{"source": "bad0", "reason": "not an image", "shard": 0}, {"source": "bad1", "reason": "not an image", "shard": 1}]
+
+
+def test_writer_refuses_bad_rows(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    rows = _rows(3, 8, 512)
+    rows["tokens"][1, 2] = 512
+    with pytest.raises(ValueError, match=r"outside \[0, 512\)"):
+        w.write(0, "fp", rows, [], 3)
+    with pytest.raises(ValueError, match="3 written \\+ 0 quarantined != 4 seen"):
+        w.write(0, "fp", _rows(3, 8, 512), [], 4)
+    bad = _rows(3, 8, 512)
+    bad["grid_w"] = [3] * 3
+    with pytest.raises(ValueError, match="2x3 grid"):
+        w.write(0, "fp", bad, [], 3)
+
+
+def test_completion_record_decides_what_is_complete(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    assert not w.is_complete(0, "fp")
+    w.write(0, "fp", _rows(3, 8, 512), [], 3)
+    assert w.is_complete(0, "fp") and not w.is_complete(0, "other-settings")
+    # Temp files are hidden and nothing else is left behind.
+    names = sorted(p.name for p in (tmp_path / "shards").iterdir())
+    assert names == ["shard-000000.done.json", "shard-000000.parquet", "shard-000000.quarantine.jsonl"]
+    # A parquet whose size differs from the record (e.g. overwritten by a killed rerun) is not complete.
+    (tmp_path / "shards" / "shard-000000.parquet").write_bytes(b"partial")
+    assert not w.is_complete(0, "fp")
+    # A shard renamed into place whose record was never written (killed in between) is not complete.
+    w.write(1, "fp", _rows(3, 8, 512), [], 3)
+    (tmp_path / "shards" / "shard-000001.done.json").unlink()
+    assert not w.is_complete(1, "fp")
+    with pytest.raises(RuntimeError, match="shard 1 of 2 is not complete"):
+        w.finalize(2, {})
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        read_manifest(str(tmp_path))
+
+
+def test_iter_token_batches(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    rows = _rows(10, 8, 512)
+    w.write(0, "fp", rows, [], 10)
+    w.finalize(1, {"grid": [2, 4]})
+    batches = list(iter_token_batches(str(tmp_path), batch_size=4))
+    assert [b["tokens"].shape for b in batches] == [(4, 8), (4, 8), (2, 8)]
+    assert batches[0]["tokens"].dtype == torch.long and batches[0]["label"].dtype == torch.long
+    assert batches[0]["grid"] == (2, 4)
+    assert torch.equal(torch.cat([b["tokens"] for b in batches]), torch.from_numpy(rows["tokens"]))
+    assert len(list(iter_token_batches(str(tmp_path), 4, drop_last=True))) == 2
+    a = list(iter_token_batches(str(tmp_path), 10, shuffle=True, seed=1))[0]
+    b = list(iter_token_batches(str(tmp_path), 10, shuffle=True, seed=1))[0]
+    c = list(iter_token_batches(str(tmp_path), 10, shuffle=True, seed=2))[0]
+    assert torch.equal(a["label"], b["label"]) and not torch.equal(a["label"], c["label"])
+    assert sorted(a["label"].tolist()) == list(range(10))
+    # rows stay intact under shuffling: tokens follow their label
+    for tok, lab in zip(a["tokens"], a["label"]):
+        assert torch.equal(tok, torch.from_numpy(rows["tokens"][lab]))
+
+
+def test_variable_grids_need_a_choice(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, None, "caption")
+    toks = [np.arange(8), np.arange(6), np.arange(8) + 1]
+    w.write(0, "fp", {"tokens": toks, "grid_h": [2, 2, 2], "grid_w": [4, 3, 4], "caption": ["a", "b", "c"],
+                      "source": ["x", "y", "z"], "aug": [0, 0, 0]}, [], 3)
+    w.finalize(1, {"grid": None})
+    with pytest.raises(ValueError, match="several token grids"):
+        list(iter_token_batches(str(tmp_path), 2))
+    (b,) = list(iter_token_batches(str(tmp_path), 4, grid=(2, 4)))
+    assert b["caption"] == ["a", "c"] and b["tokens"].tolist() == [list(range(8)), list(range(1, 9))]
+
+
+def test_assembler_waits_for_all_records():
+    def rec(shard, index, kind, **kw):
+        base = {"shard": shard, "index": index, "aug": 0, "kind": kind, "source": f"s{index}", "label": 3, "caption": "",
+                "reason": "", "n_rows": -1, "n_bad": -1, "seen": -1, "tokens": b"", "grid_h": 0, "grid_w": 0}
+        base.update(kw)
+        return base
+
+    def batch(records):
+        return {k: np.array([r[k] for r in records], dtype=object) for k in records[0]}
+
+    tok = lambda v: np.array([v, v + 1], np.uint16).tobytes()  # noqa: E731
+    a = ShardAssembler("label")
+    # The end record overtakes its shard's rows; a row of another shard is interleaved.
+    assert a.add(batch([rec(0, -1, "end", n_rows=2, n_bad=1, seen=3), rec(0, 1, "row", tokens=tok(5), grid_h=1, grid_w=2)])) == []
+    assert a.add(batch([rec(1, 0, "row", tokens=tok(7), grid_h=1, grid_w=2), rec(0, 2, "bad", reason="truncated")])) == []
+    assert a.add(batch([rec(0, 0, "row", tokens=tok(1), grid_h=1, grid_w=2)])) == [0]
+    cols, bad, seen = a.take(0)
+    assert seen == 3 and bad == [{"source": "s2", "reason": "truncated"}]
+    assert cols["source"] == ["s0", "s1"] and [t.tolist() for t in cols["tokens"]] == [[1, 2], [5, 6]]
+    assert a.pending == 1  # shard 1 still open
