@@ -306,25 +306,35 @@ def log_evaluation(result: dict, cfg: EvalConfig, tracking_uri: str, experiment:
 
 # ------------------------------------------------------------------------------------- one call
 
-def prepare(cfg: EvalConfig, progress: bool = True):
-    """(generator info, reference, feature network name, classifier dir) for an evaluation."""
+@dataclasses.dataclass
+class Prepared:
+    info: GeneratorInfo
+    reference: object  # maskgil.metrics.Reference
+    reference_path: Path  # its cached .npz
+    feature_network: str
+    classifier_dir: str | None
+
+
+def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
+    """Everything an evaluation needs before sampling: model facts, reference, network, classifier."""
     from maskgil.evaluation.reference import load_reference
     from maskgil.metrics import InceptionFeatureExtractor
 
     info = generator_info(cfg.paths, cfg.spec.sampler)
     check_balanced(cfg.num_images, info.num_classes)
     extractor = InceptionFeatureExtractor(cfg.inception_weights)
-    reference, _ = load_reference(cfg.reference, info.image_hw, extractor, cfg.cache_dir, limit=cfg.reference_limit,
-                                  adm_stats=cfg.adm_stats, progress=progress)
+    reference, path = load_reference(cfg.reference, info.image_hw, extractor, cfg.cache_dir, limit=cfg.reference_limit,
+                                     adm_stats=cfg.adm_stats, progress=progress)
     classifier_dir = resolve_classifier(cfg.classifier, info.num_classes, info.image_hw[0], cfg.cache_dir)
-    return info, reference, extractor.feature_network, classifier_dir
+    return Prepared(info, reference, path, extractor.feature_network, classifier_dir)
 
 
 def evaluate(cfg: EvalConfig, engine: str = "ray", out_dir: str | os.PathLike | None = None,
              tracking_uri: str | None = "sqlite:///mlflow.db", experiment: str = "evaluate",
              run_name: str | None = None, progress: bool = True, **engine_kwargs) -> dict:
     """Generate, score, write result.json + grid PNG into out_dir, log an MLflow run; returns the result."""
-    info, reference, network, classifier_dir = prepare(cfg, progress)
+    prep = prepare(cfg, progress)
+    info, classifier_dir = prep.info, prep.classifier_dir
     start = time.perf_counter()
     if engine == "ray":
         collected = run_ray_data(cfg, classifier_dir, info.image_hw, progress=progress, **engine_kwargs)
@@ -333,7 +343,7 @@ def evaluate(cfg: EvalConfig, engine: str = "ray", out_dir: str | os.PathLike | 
     else:
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     wall = time.perf_counter() - start
-    result = summarize(collected, reference, cfg, info, wall, network)
+    result = summarize(collected, prep.reference, cfg, info, wall, prep.feature_network)
     if classifier_dir:
         result["classifier"] = classifier_dir
     if collected["npz"]:
