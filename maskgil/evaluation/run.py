@@ -178,7 +178,9 @@ def run_ray_data(cfg: EvalConfig, classifier_dir: str | None, image_hw, sample_a
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
     n_chunks = num_chunks(cfg.num_images, cfg.spec.seed_chunk)
-    ds = ray.data.range(n_chunks, override_num_blocks=math.ceil(n_chunks / batch_size))  # one block per batch
+    # Chunk ids built on the driver (no read task to schedule: with the actor pools holding every CPU a
+    # read task would wait forever), one block per sampler batch.
+    ds = ray.data.from_items([{"id": i} for i in range(n_chunks)], override_num_blocks=math.ceil(n_chunks / batch_size))
     gpu = {"num_gpus": num_gpus} if num_gpus else {}
     ds = ds.map_batches(SampleAndDecode, fn_constructor_kwargs=sample_kwargs, batch_size=batch_size,
                         compute=ray.data.ActorPoolStrategy(size=sample_actors), num_cpus=cpus_per_actor, **gpu)
