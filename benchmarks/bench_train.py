@@ -1,0 +1,118 @@
+"""Training throughput of a generator preset: tokens/s and achieved FLOP/s against the matmul peak
+measured in the same process (fp32 on CPU; bf16 on GPU with --precision bf16).
+
+    python benchmarks/bench_train.py                          # maskgil-b, batch 16, 16x16 tokens, CPU fp32
+    python benchmarks/bench_train.py --device cuda --precision bf16 --batch 64
+
+FLOPs per step are counted by torch.utils.flop_counter (matmuls and attention, forward + backward),
+and cross-checked against the closed form 6 * (matmul params) * tokens + 12 * layers * dim * L^2 * B.
+Goal: >= 50% of the measured fp32 peak on CPU, >= 45% MFU on a GPU. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from maskgil.models import build_model  # noqa: E402
+from maskgil.training import TrainConfig, build_optimizer, train_step  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n: int, repeats: int) -> float:
+    """Best FLOP/s of an n x n x n matmul: the machine's practical peak for this dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def closed_form_flops(model, batch: int, grid) -> float:
+    c = model.config
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
+    L = c.prefix_len + grid[0] * grid[1]  # sequence length (prefix + image tokens)
+    return 6 * matmul_params * batch * L + 12 * c.n_layers * c.dim * L * L * batch
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="maskgil-b")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--grid", type=int, nargs=2, default=[16, 16])
+    p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--steps", type=int, default=2, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    grid = tuple(args.grid)
+    torch.manual_seed(0)
+    model = build_model(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid_size=grid).to(device)
+    cfg = TrainConfig(preset=args.preset, global_batch=args.batch, precision=args.precision, strategy="none")
+    opt = build_optimizer(model, cfg)
+    N = grid[0] * grid[1]
+    batch = {"tokens": torch.randint(0, args.vocab, (args.batch, N), device=device),
+             "label": torch.randint(0, args.classes, (args.batch,), device=device)}
+
+    peak_before = matmul_peak(device, dtype, args.peak_n, repeats=5)
+    with FlopCounterMode(display=False) as counter:  # also the first warmup step
+        train_step(model, opt, [batch], cfg, 0, grid, device=device)
+    counted = counter.get_total_flops()
+    for i in range(1, args.warmup):
+        train_step(model, opt, [batch], cfg, i, grid, device=device)
+    sync(device)
+    times = []
+    for i in range(args.steps):
+        t = time.perf_counter()
+        train_step(model, opt, [batch], cfg, args.warmup + i, grid, device=device)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    peak_after = matmul_peak(device, dtype, args.peak_n, repeats=5)
+    step_s = min(times)
+    peak = max(peak_before, peak_after)
+    achieved = counted / step_s
+    out = {
+        "preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
+        "grid": list(grid), "vocab": args.vocab, "device": str(device), "precision": args.precision,
+        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+        "step_seconds": times, "best_step_s": step_s,
+        "tokens_per_s": args.batch * N / step_s,
+        "flops_per_step_counted": counted, "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid),
+        "achieved_flops": achieved, "matmul_peak_flops": peak, "peak_before_after": [peak_before, peak_after],
+        "fraction_of_peak": achieved / peak,
+        "goal": 0.45 if device.type == "cuda" else 0.50,
+        "note": "timings on a shared machine are only as good as its load; the peak is measured in the same run",
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The training loop as a library: config, optimizer and schedule, one optimizer step, checkpoints.
+
+No Ray here: `pipelines/train.py` runs `fit` inside Ray Train workers, tests run it in-process.
+The paper's settings are the defaults: AdamW lr 1e-4, betas (0.9, 0.96), weight decay 1e-5,
+global batch 256 (split over workers, then into gradient-accumulation micro-batches).
+
+Checkpoint = a `save_pretrained` directory (config.json + model.safetensors) plus `train_state.pt`
+(optimizer, step, data position, RNG), loaded with `weights_only=True`. The learning-rate
+schedule is a pure function of the step, so the step *is* the scheduler state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from maskgil.checkpoint import WEIGHTS_NAME, save_pretrained
+from maskgil.training.distributed import (full_model_state, full_optimizer_state, load_full_state, no_grad_sync,
+                                          unwrap)
+from maskgil.training.objectives import compute_loss
+
+TRAIN_STATE_NAME = "train_state.pt"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides data and hardware. YAML files in ray_configs/ map onto it."""
+
+    preset: str = "maskgil-tiny"
+    model_overrides: dict = field(default_factory=dict)  # e.g. vocab_size / num_classes from the shards
+    max_steps: int = 1000
+    global_batch: int = 256
+    micro_batch: int | None = None  # per-worker forward batch; None = the whole per-worker batch
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.96)
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    lr_schedule: str = "constant"  # "constant" | "cosine" (after warmup, down to min_lr_ratio * lr)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    mask_schedule: str = "cosine"  # training mask ratio law: "cosine" (paper) | "arccos" | "linear"
+    label_smoothing: float | None = None  # None: 0.1 for masked models (paper), 0.0 for AR
+    grid_schedule: list = field(default_factory=list)  # weak-to-strong: [[step, h, w], ...] ascending
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast on GPU; FSDP2 mixed precision)
+    strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.max_steps < 1 or self.global_batch < 1:
+            raise ValueError("max_steps and global_batch must be >= 1")
+        steps = [int(s[0]) for s in self.grid_schedule]
+        if any(len(s) != 3 for s in self.grid_schedule) or steps != sorted(steps) or (steps and steps[0] != 0):
+            raise ValueError(f"grid_schedule must be [[0, h, w], [step, h, w], ...] with ascending steps, "
+                             f"got {self.grid_schedule}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(data) - known)
+        if bad:
+            raise ValueError(f"unknown training config key(s) {bad}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; weights were not updated by the bad step."""
+
+
+# ---------------------------------------------------------------------------- plan and schedules
+def batch_plan(global_batch: int, world_size: int, micro_batch: int | None = None) -> tuple[int, int, int]:
+    """(per-worker batch, micro batch, accumulation steps) so that workers x micro x accum = global."""
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+    per_worker = global_batch // world_size
+    micro = per_worker if micro_batch is None else min(micro_batch, per_worker)
+    if per_worker % micro:
+        raise ValueError(f"per-worker batch {per_worker} is not a multiple of micro batch {micro}")
+    return per_worker, micro, per_worker // micro
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def grid_at(step: int, cfg: TrainConfig, default: tuple[int, int]) -> tuple[int, int]:
+    """Token grid in use at `step` (weak-to-strong resolution schedule), else the model's default."""
+    grid = tuple(default)
+    for start, h, w in cfg.grid_schedule:
+        if step >= start:
+            grid = (int(h), int(w))
+    return grid
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    """A seed unique to (run seed, step, rank, micro-batch): replaying a step replays its masks."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms, biases or embeddings' null rows alike)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    rank: int = 0, extra: dict | None = None) -> Path | None:
+    """Write model + train_state to `path` (rank 0 writes; every rank must call: FSDP gathers)."""
+    model_sd = full_model_state(model)
+    optim_sd = full_optimizer_state(model, optimizer)
+    if rank != 0:
+        return None
+    path = Path(path)
+    base = unwrap(model)
+    with torch.device("meta"):
+        shell = type(base)(base.config)  # same class and config, weights assigned from the full state
+    shell.load_state_dict(model_sd, assign=True)
+    save_pretrained(shell, path, extra=extra)
+    train_state = {
+        "step": int(state["step"]), "epoch": int(state.get("epoch", 0)),
+        "batches_in_epoch": int(state.get("batches_in_epoch", 0)),
+        "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path / (TRAIN_STATE_NAME + ".tmp")
+    torch.save(train_state, tmp)
+    tmp.replace(path / TRAIN_STATE_NAME)
+    return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Restore weights (and optimizer) from a checkpoint dir; returns {'step', 'epoch', 'batches_in_epoch'}."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file() or not (path / TRAIN_STATE_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (needs {WEIGHTS_NAME} and {TRAIN_STATE_NAME})")
+    ts = torch.load(path / TRAIN_STATE_NAME, map_location="cpu", weights_only=True)
+    load_full_state(model, load_file(str(path / WEIGHTS_NAME)), optimizer, ts["optimizer"] if optimizer else None)
+    torch.set_rng_state(ts["torch_rng"])
+    return {k: ts[k] for k in ("step", "epoch", "batches_in_epoch")}
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """`step_XXXXXXXX` directories under root holding a complete checkpoint, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
+             and (p / TRAIN_STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints."""
+    for p in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(p)
+
+
+# ---------------------------------------------------------------------------- the step
+class OutputNormProbe:
+    """Forward hooks recording the mean L2 norm of the last block's output (the residual stream
+    before the final norm: the paper's Figure 5c stability signal) and of the final normed states."""
+
+    def __init__(self, model: nn.Module):
+        base = unwrap(model)
+        self.values: dict[str, float] = {}
+        self.handles = []
+        if hasattr(base, "layers") and len(base.layers):
+            self.handles.append(base.layers[-1].register_forward_hook(self._hook("output_norm_prenorm")))
+        final = getattr(base, "norm", None) or getattr(base, "head_norm", None)
+        if final is not None:
+            self.handles.append(final.register_forward_hook(self._hook("output_norm")))
+
+    def _hook(self, name):
+        def fn(module, args, out):
+            self.values[name] = float(out.detach().float().norm(dim=-1).mean())
+        return fn
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _to_device_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.as_tensor(batch["tokens"]).long().to(device, non_blocking=True)
+    labels = torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)
+    return tokens, labels
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], cfg: TrainConfig,
+               step: int, grid: tuple[int, int], rank: int = 0, world_size: int = 1,
+               device: torch.device | str = "cpu") -> dict:
+    """One optimizer step over `micro_batches` (gradient accumulation). Raises NonFiniteLossError
+    (without touching the weights) if the loss or the gradient norm is NaN/inf."""
+    base = unwrap(model)
+    device = torch.device(device)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
+                              and cfg.strategy != "fsdp")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_accum = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        tokens, labels = _to_device_batch(batch, device)
+        if tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"batch holds {tokens.shape[1]} tokens per image but the grid at step {step} is "
+                             f"{grid[0]}x{grid[1]}: feed shards of that resolution")
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, i))
+        with no_grad_sync(model, enabled=i < n_accum - 1), autocast:
+            out = compute_loss(model, base.config, tokens, labels, grid, schedule=cfg.mask_schedule,
+                               label_smoothing=cfg.label_smoothing, generator=gen)
+            (out.loss / n_accum).backward()
+        loss_sum += out.loss.detach().double()
+    loss = loss_sum / n_accum
+    if world_size > 1:
+        dist.all_reduce(loss)
+        loss /= world_size
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    loss = float(loss)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"non-finite training signal at step {step}: loss={loss}, grad_norm={grad_norm}; "
+                                 "the step was not applied")
+    optimizer.step()
+    return {"loss": loss, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclass
+class Hooks:
+    """Callbacks run by `fit`; every rank calls them (checkpointing is a collective under FSDP)."""
+
+    on_log: Callable[[int, dict], None] | None = None  # (step, metrics) every cfg.log_every steps
+    on_checkpoint: Callable[[int, dict, dict], None] | None = None  # (step, metrics, loop state)
+    on_sample: Callable[[int], None] | None = None  # (step) every cfg.sample_every steps and at the end
+    on_step_end: Callable[[int], None] | None = None  # (step) after each step (fault injection in tests)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+        data: Callable[[tuple[int, int], int], Iterable[dict]], *, micro_batch: int, accum: int,
+        start: dict | None = None, rank: int = 0, world_size: int = 1, device="cpu",
+        hooks: Hooks | None = None, progress: bool = False) -> dict:
+    """Train from `start` (a loaded loop state, or step 0) until cfg.max_steps.
+
+    `data(grid, epoch)` yields this worker's micro-batches ({"tokens": (b, N), "label": (b,)}) of
+    one epoch, in a per-epoch shuffled order. The loop counts steps exactly: after a restart from a
+    checkpoint at step s it runs steps s+1.. and skips the micro-batches of the epoch that step s
+    had already consumed, so no step is lost or repeated. Returns the final loop state + metrics."""
+    hooks = hooks or Hooks()
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, **(start or {})}
+    default_grid = tuple(unwrap(model).config.grid_size)
+    probe = OutputNormProbe(model)
+    metrics: dict[str, Any] = {}
+    grid = grid_at(state["step"], cfg, default_grid)
+    iterator = _epoch_iter(data, grid, state)
+    fresh_epoch, full_in_epoch = state["batches_in_epoch"] == 0, 0  # a resumed epoch may be nearly done
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", unit="step")
+    tokens_per_step = cfg.global_batch * grid[0] * grid[1]
+    t_last, steps_since = time.perf_counter(), 0
+    try:
+        while state["step"] < cfg.max_steps:
+            step = state["step"]
+            new_grid = grid_at(step, cfg, default_grid)
+            if new_grid != grid:  # weak-to-strong switch: a fresh epoch from the new resolution's data
+                grid = new_grid
+                state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+                iterator = _epoch_iter(data, grid, state)
+                fresh_epoch, full_in_epoch = True, 0
+                tokens_per_step = cfg.global_batch * grid[0] * grid[1]
+            micro = []
+            while len(micro) < accum:
+                try:
+                    b = next(iterator)
+                except StopIteration:  # epoch done: drop the partial step, reshuffle
+                    if fresh_epoch and full_in_epoch < accum:
+                        raise RuntimeError(f"an epoch of this worker's data holds {full_in_epoch} micro-batches of "
+                                           f"{micro_batch} rows, fewer than one step needs ({accum})") from None
+                    state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+                    micro, fresh_epoch, full_in_epoch = [], True, 0
+                    iterator = _epoch_iter(data, grid, state)
+                    continue
+                state["batches_in_epoch"] += 1
+                if len(b["label"]) != micro_batch:
+                    continue  # ragged tail batch: skip (drop_last)
+                full_in_epoch += 1
+                micro.append(b)
+            metrics = train_step(model, optimizer, micro, cfg, step, grid, rank, world_size, device)
+            state["step"] = step + 1
+            steps_since += 1
+            metrics.update(probe.values)
+            metrics.update(step=state["step"], epoch=state["epoch"], grid_h=grid[0], grid_w=grid[1])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            last = state["step"] == cfg.max_steps
+            if hooks.on_log and (state["step"] % max(cfg.log_every, 1) == 0 or last):
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+                t_last, steps_since = now, 0
+                hooks.on_log(state["step"], metrics)
+            if hooks.on_sample and ((cfg.sample_every and state["step"] % cfg.sample_every == 0) or last):
+                hooks.on_sample(state["step"])
+            if hooks.on_checkpoint and (state["step"] % max(cfg.checkpoint_every, 1) == 0 or last):
+                hooks.on_checkpoint(state["step"], metrics, dict(state))
+            if hooks.on_step_end:
+                hooks.on_step_end(state["step"])
+    finally:
+        probe.close()
+        if bar is not None:
+            bar.close()
+    return {**state, **metrics}
+
+
+def _epoch_iter(data, grid, state) -> Iterator[dict]:
+    """Iterator over the current epoch, fast-forwarded past the micro-batches already consumed."""
+    it = iter(data(grid, state["epoch"]))
+    for _ in range(state["batches_in_epoch"]):
+        next(it, None)
+    return it

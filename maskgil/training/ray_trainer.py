@@ -1,0 +1,312 @@
+"""Ray Train wiring: the per-worker loop around `fit`, and the driver that builds the TorchTrainer.
+
+Each worker: builds the preset, wraps it (DDP on CPU/GPU, FSDP2 for L/XL/XXL on GPUs), restores
+`ray.train.get_checkpoint()` if Ray restarted it, reads its shard of the token dataset
+(`get_dataset_shard`, reshuffled every epoch), runs `fit`, and reports a checkpoint every N steps.
+Rank 0 logs to MLflow into one run created by the driver, so a restarted or rerun job keeps
+writing to the same run. Ray keeps the last K checkpoints (CheckpointConfig(num_to_keep=K)).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from maskgil.data.shards import token_dataset
+from maskgil.models import build_model
+from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
+from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, fit,
+                                   load_checkpoint, save_checkpoint)
+from maskgil.training.runconfig import shard_dirs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Test-only fault injection: the worker of rank MASKGIL_FAULT_RANK exits hard after step
+# MASKGIL_FAULT_STEP, once (the marker file records that it happened).
+FAULT_ENV = ("MASKGIL_FAULT_STEP", "MASKGIL_FAULT_RANK", "MASKGIL_FAULT_MARKER")
+NONFINITE_TAG = "maskgil.nonfinite"  # set by rank 0 when the loss turns NaN/inf; read by the driver
+
+
+# ---------------------------------------------------------------------------- data
+def read_shard_manifest(shard_dir: str) -> dict:
+    from maskgil.data.shards import read_manifest
+
+    return read_manifest(shard_dir)
+
+
+def _as_batch(b: dict) -> dict:
+    tokens = b["tokens"]
+    if tokens.dtype == object:  # variable-length list column: stack the per-row arrays
+        tokens = np.stack(tokens)
+    return {"tokens": torch.from_numpy(tokens.astype(np.int64)), "label": torch.from_numpy(b["label"].astype(np.int64))}
+
+
+def shard_batches(iterators: dict, micro: int, seed: int, buffer: int):
+    """`data(grid, epoch)` for `fit` over Ray DataIterators; a new local shuffle seed per epoch."""
+
+    def data(grid, epoch):
+        if tuple(grid) not in iterators:
+            raise ValueError(f"no token shards for grid {grid[0]}x{grid[1]}; data.shards has "
+                             f"{[f'{h}x{w}' for h, w in iterators]}")
+        it = iterators[tuple(grid)].iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                                 local_shuffle_buffer_size=buffer or None,
+                                                 local_shuffle_seed=seed * 100_003 + epoch)
+        for b in it:
+            yield _as_batch(b)
+
+    return data
+
+
+# ---------------------------------------------------------------------------- MLflow from a worker
+class MlflowRunLogger:
+    """Logs into an existing MLflow run by id (the driver owns the run's lifecycle)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def log_metrics(self, metrics: dict, step: int):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=ms)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None):
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
+
+def sample_png(model, tokenizer, grid, sample_cfg: dict, path: str, seed: int = 0) -> str:
+    """Decode a class-conditional grid (one row per class) to PNG with the run's tokenizer."""
+    from maskgil.training.samples import decode_tokens, image_grid, sample_class_tokens, save_png
+
+    classes = sample_cfg.get("classes") or list(range(model.config.num_classes))
+    was_training = model.training
+    model.eval()
+    try:
+        tokens, _ = sample_class_tokens(model, classes, sample_cfg["per_class"], grid, cfg_scale=sample_cfg["cfg_scale"],
+                                        steps=sample_cfg["steps"], temperature=sample_cfg["temperature"],
+                                        top_k=sample_cfg["top_k"], choice_temperature=sample_cfg["choice_temperature"],
+                                        seed=seed)
+    finally:
+        model.train(was_training)
+    images = decode_tokens(tokenizer, tokens, grid)
+    save_png(image_grid(images, ncol=sample_cfg["per_class"] * max(1, 8 // sample_cfg["per_class"])), path)
+    return path
+
+
+# ---------------------------------------------------------------------------- the worker
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.from_dict(config["train"])
+    torch.set_num_threads(int(config["threads_per_worker"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    strategy = resolve_strategy(cfg.strategy, cfg.preset, world, config["use_gpu"])
+    cfg.strategy = strategy  # train_step picks autocast (DDP) vs FSDP2 mixed precision from it
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model = wrap_model(build_model(cfg.preset, **cfg.model_overrides), strategy, device, cfg.precision)
+    optimizer = build_optimizer(model, cfg)
+    _, micro, accum = batch_plan(cfg.global_batch, world, cfg.micro_batch)
+
+    start = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start = load_checkpoint(d, model, optimizer)
+    logger = MlflowRunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger and start:
+        logger.log_metrics({"resumed_from_step": start["step"]}, step=start["step"])
+
+    tokenizer = None
+    if rank == 0 and config.get("tokenizer") and strategy != "fsdp":
+        from maskgil.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(config["tokenizer"]).to(device)
+
+    def on_log(step, metrics):
+        if logger:
+            logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def on_sample(step):
+        if logger and tokenizer is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = sample_png(unwrap(model), tokenizer, grid_now[0], config["sample"],
+                                  os.path.join(tmp, f"samples_step{step:08d}.png"), seed=cfg.seed)
+                logger.log_artifact(path, "samples")
+
+    def on_checkpoint(step, metrics, state):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, model, optimizer, state, rank, extra={"train_config": cfg.to_dict(), "step": step})
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report(_scalars(metrics), checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
+
+    grid_now = [tuple(unwrap(model).config.grid_size)]
+
+    def on_step_end(step):
+        from maskgil.training.loop import grid_at
+
+        grid_now[0] = grid_at(step, cfg, unwrap(model).config.grid_size)
+        _maybe_inject_fault(step, rank)
+
+    iterators = {g: ray.train.get_dataset_shard(f"train_{g[0]}x{g[1]}") for g in config["grids"]}
+    data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"])
+    if start is not None and start["step"] >= cfg.max_steps:
+        ray.train.report({"step": start["step"], "already_complete": 1})
+        return
+    try:
+        fit(model, optimizer, cfg, data, micro_batch=micro, accum=accum, start=start, rank=rank, world_size=world,
+            device=device, hooks=Hooks(on_log, on_checkpoint, on_sample, on_step_end), progress=rank == 0)
+    except NonFiniteLossError as e:  # stop for good (a restart would replay the same step): tell the driver
+        if logger:
+            logger.client.set_tag(logger.run_id, NONFINITE_TAG, str(e))
+        return
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    at = os.environ.get("MASKGIL_FAULT_STEP")
+    if not at or step != int(at) or rank != int(os.environ.get("MASKGIL_FAULT_RANK", "0")):
+        return
+    marker = Path(os.environ["MASKGIL_FAULT_MARKER"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} after step {step}\n")
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------------- the driver
+def _absolute_uri(uri: str) -> str:
+    """Workers run in other directories: make a relative sqlite path absolute."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_training(cfg: dict, verbose: int = 1) -> dict:
+    """Run one training job described by a run config (see maskgil/training/runconfig.py).
+
+    Returns {"checkpoint": final plain checkpoint dir, "run_id", "step", "wall_s", ...}. Rerunning
+    with the same run.name and run.storage_path resumes from its last checkpoint."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.time()
+    train = TrainConfig.from_dict(cfg["train"])
+    run, scaling = cfg["run"], cfg["scaling"]
+    name = run["name"] or train.preset
+    storage = Path(run["storage_path"]).resolve()
+    output = Path(run["output"] or storage / name / "final").resolve()
+    tracking_uri = _absolute_uri(run["tracking_uri"])
+
+    default_grid = tuple(build_model(train.preset, device="meta", **train.model_overrides).config.grid_size)
+    grids = shard_dirs(cfg, default_grid)
+    manifest = read_shard_manifest(next(iter(grids.values())))
+    codebook = manifest.get("codebook_size")
+    vocab = build_model(train.preset, device="meta", **train.model_overrides).config.vocab_size
+    if codebook and codebook != vocab:
+        raise ValueError(f"token shards use a {codebook}-code tokenizer but the model's vocab_size is {vocab}: "
+                         f"set train.model_overrides.vocab_size={codebook}")
+
+    if not ray.is_initialized():
+        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=verbose > 0)
+
+    # One MLflow run per (storage, name): a rerun or a restarted job keeps logging into it.
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment(run["experiment"])
+    run_id_file = storage / name / "mlflow_run_id"
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    if run_id_file.is_file():
+        run_id = run_id_file.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        if NONFINITE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, NONFINITE_TAG)
+    else:
+        mrun = client.create_run(experiment.experiment_id, run_name=name,
+                                 tags={"maskgil.kind": "train", "maskgil.preset": train.preset, **(run["tags"] or {})})
+        run_id = mrun.info.run_id
+        params = _flatten({k: v for k, v in cfg.items() if k != "train"})
+        params.pop("run.tags", None)
+        params.update({f"train.{k}": v for k, v in train.to_dict().items()})
+        params["data.codebook_size"] = codebook
+        for k, v in list(params.items()):
+            client.log_param(run_id, k, str(v)[:5000])
+        run_id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(run_id)
+
+    use_gpu = bool(scaling["use_gpu"])
+    resources = {"CPU": float(scaling["cpus_per_worker"])}
+    if use_gpu:
+        resources["GPU"] = float(scaling["gpus_per_worker"])
+    loop_config = {
+        "train": train.to_dict(), "threads_per_worker": scaling["threads_per_worker"], "use_gpu": use_gpu,
+        "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "grids": list(grids),
+        "shuffle_buffer": cfg["data"]["shuffle_buffer"], "sample": cfg["sample"],
+        "tokenizer": str(Path(run["tokenizer"]).resolve()) if run["tokenizer"] else None,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=int(scaling["num_workers"]), use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=int(run["max_failures"]))),
+        datasets={f"train_{h}x{w}": token_dataset(d, grid=(h, w)) for (h, w), d in grids.items()},
+    )
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        metrics = result.metrics or {}
+        stopped = client.get_run(run_id).data.tags.get(NONFINITE_TAG)
+        if stopped:
+            last = result.checkpoint.path if result.checkpoint else "none (no checkpoint was reached)"
+            raise NonFiniteLossError(f"training stopped: {stopped}. The last good checkpoint is kept at {last}; "
+                                     "lower the learning rate or check the data, then rerun to resume from it")
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            output.mkdir(parents=True, exist_ok=True)
+            for fname in (CONFIG_NAME, WEIGHTS_NAME):
+                shutil.copy2(Path(d) / fname, output / fname)
+            step = json.loads((Path(d) / CONFIG_NAME).read_text())["extra"].get("step")
+        client.log_artifacts(run_id, str(output), "checkpoint")
+        wall = time.time() - t0
+        client.log_metric(run_id, "wall_s", wall)
+        status = "FINISHED"
+        return {"checkpoint": str(output), "run_id": run_id, "step": step, "wall_s": wall,
+                "ray_checkpoint": result.checkpoint.path, "metrics": metrics}
+    finally:
+        client.set_terminated(run_id, status=status)

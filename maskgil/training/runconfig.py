@@ -1,0 +1,81 @@
+"""Run files for `pipelines/train.py`: YAML with sections train / data / scaling / run / sample.
+
+`train` maps onto `TrainConfig`; the other sections describe where data and outputs live and how
+many Ray workers run. Unknown keys are errors (a typo must not silently fall back to a default).
+Overrides on the command line use dotted keys: `--set train.max_steps=200 scaling.num_workers=4`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from maskgil.training.loop import TrainConfig
+
+DEFAULTS = {
+    "train": {},
+    "data": {"shards": None, "shuffle_buffer": 8192},  # shards: a dir, or {"HxW": dir} per grid
+    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0, "gpus_per_worker": 1.0,
+                "threads_per_worker": 1},
+    "run": {"name": None, "storage_path": "runs/ray_train", "max_failures": 0, "tracking_uri": "sqlite:///mlflow.db",
+            "experiment": "maskgil-train", "output": None, "tokenizer": None, "tags": {}},
+    "sample": {"classes": None, "per_class": 2, "cfg_scale": 2.0, "steps": 8, "temperature": 1.0,
+               "choice_temperature": 4.5, "top_k": None},
+}
+
+
+def _merge(base: dict, new: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (new or {}).items():
+        if where == "" and k not in DEFAULTS:
+            raise ValueError(f"unknown section {k!r} in run config; sections: {sorted(DEFAULTS)}")
+        if where and where != "train" and k not in base:
+            raise ValueError(f"unknown key {where}.{k}; known: {sorted(base)}")
+        out[k] = _merge(base[k], v, k) if where == "" else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.max_steps=200', 'run.name=x'] -> nested dict, values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """Defaults <- YAML file <- overrides, validated; `train` is checked by building a TrainConfig."""
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a run config is a mapping of sections")
+    cfg = _merge(DEFAULTS, data, "")
+    cfg = _merge(cfg, overrides or {}, "")
+    TrainConfig.from_dict(cfg["train"])  # raises on unknown / invalid training keys
+    if cfg["scaling"]["num_workers"] < 1:
+        raise ValueError("scaling.num_workers must be >= 1")
+    return cfg
+
+
+def shard_dirs(cfg: dict, default_grid: tuple[int, int]) -> dict[tuple[int, int], str]:
+    """{grid: shard dir}. One dir serves the default grid; weak-to-strong runs map each grid to its
+    own shards, e.g. {"16x16": tokens_256px, "32x32": tokens_512px} (same tokenizer, two image sizes)."""
+    shards = cfg["data"]["shards"]
+    if shards is None:
+        raise ValueError("data.shards is required (a token shard directory written by pipelines/pretokenize.py)")
+    if isinstance(shards, (str, Path)):
+        return {tuple(default_grid): str(shards)}
+    out = {}
+    for key, d in shards.items():
+        try:
+            h, w = (int(x) for x in str(key).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"data.shards keys must look like '16x16', got {key!r}") from None
+        out[(h, w)] = str(d)
+    return out

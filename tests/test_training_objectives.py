@@ -1,0 +1,127 @@
+"""Objectives against hand computations: which positions are scored, the smoothed CE value,
+the exact mask count, and which context each kind of model sees."""
+import math
+
+import pytest
+import torch
+
+from maskgil.models import build_model
+from maskgil.training.objectives import masked_token_loss, next_token_loss, random_token_mask
+
+
+class FixedLogits(torch.nn.Module):
+    """Returns preset logits and records what it was called with."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.seen = None
+
+    def forward(self, tokens, cond, grid, drop_cond=None):
+        self.seen = (tokens.clone(), cond.clone(), drop_cond.clone())
+        return self.logits
+
+
+def hand_smoothed_ce(logits_row, target, eps):
+    """-(1-eps) log p_y - eps/V sum_v log p_v, written out with math only."""
+    z = [float(x) for x in logits_row]
+    lse = math.log(sum(math.exp(v) for v in z))
+    logp = [v - lse for v in z]
+    V = len(z)
+    return -(1 - eps) * logp[target] - eps / V * sum(logp)
+
+
+def test_masked_loss_equals_hand_computation_on_masked_positions_only():
+    V, B, N = 4, 2, 3
+    logits = torch.tensor([[[2.0, 0.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4], [3.0, -3.0, 0.0, 0.0]],
+                           [[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], [-1.0, 5.0, 0.0, 2.0]]])
+    tokens = torch.tensor([[1, 3, 0], [2, 1, 1]])
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    model = FixedLogits(logits)
+    out = masked_token_loss(model, tokens, torch.tensor([0, 1]), (1, 3), mask_id=V, class_dropout=0.0,
+                            label_smoothing=0.1, mask=mask)
+    expected = [hand_smoothed_ce(logits[0, 0], 1, 0.1), hand_smoothed_ce(logits[0, 2], 0, 0.1),
+                hand_smoothed_ce(logits[1, 1], 1, 0.1)]
+    assert out.n_scored == 3
+    assert out.loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    # the model saw the mask id exactly at masked positions and the true tokens elsewhere
+    seen = model.seen[0]
+    assert seen.tolist() == [[V, 3, V], [2, V, 1]]
+    # unmasked positions contribute nothing, whatever their logits
+    logits2 = logits.clone()
+    logits2[0, 1] = torch.tensor([50.0, -50.0, 9.0, 1.0])
+    logits2[1, 0] = torch.tensor([-20.0, 20.0, 0.0, 0.0])
+    out2 = masked_token_loss(FixedLogits(logits2), tokens, torch.tensor([0, 1]), (1, 3), mask_id=V,
+                             class_dropout=0.0, label_smoothing=0.1, mask=mask)
+    assert out2.loss.item() == pytest.approx(out.loss.item(), rel=1e-7)
+
+
+def test_next_token_loss_hand_computation_without_smoothing():
+    logits = torch.tensor([[[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]]])
+    out = next_token_loss(FixedLogits(logits), torch.tensor([[1, 0]]), torch.tensor([2]), (1, 2),
+                          class_dropout=0.0, label_smoothing=0.0)
+    expected = (hand_smoothed_ce(logits[0, 0], 1, 0.0) + hand_smoothed_ce(logits[0, 1], 0, 0.0)) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert out.n_scored == 2
+
+
+@pytest.mark.parametrize("kind,law", [("cosine", lambda r: math.cos(math.pi * r / 2)),
+                                      ("arccos", lambda r: math.acos(r) / (math.pi / 2))])
+def test_mask_count_is_exact_ceil_of_schedule(kind, law):
+    B, N = 64, 37
+    g = torch.Generator().manual_seed(3)
+    mask = random_token_mask(B, N, kind, generator=g)
+    g = torch.Generator().manual_seed(3)
+    r = torch.rand(B, generator=g, dtype=torch.float64)  # the same draws the mask used for its ratios
+    expected = [max(1, min(N, math.ceil(law(float(x)) * N))) for x in r]
+    assert mask.sum(1).tolist() == expected
+
+
+def test_class_dropout_rate_and_null_class_passthrough():
+    model = FixedLogits(torch.zeros(4000, 2, 5))
+    g = torch.Generator().manual_seed(0)
+    masked_token_loss(model, torch.zeros(4000, 2, dtype=torch.long), torch.arange(4000) % 7, (1, 2), mask_id=5,
+                      class_dropout=0.1, generator=g)
+    frac = model.seen[2].float().mean().item()
+    assert 0.08 < frac < 0.12  # Binomial(4000, 0.1): sd 0.0047
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    return build_model(name, n_layers=2, dim=64, n_heads=2, vocab_size=32).eval()
+
+
+def test_causal_training_sees_only_earlier_tokens():
+    model = tiny("llamagen-tiny")
+    tokens = torch.randint(0, 32, (1, 64))
+    j = 20
+    other = tokens.clone()
+    other[0, j] = (tokens[0, j] + 1) % 32
+    a = next_token_loss(model, tokens, torch.tensor([3]), (8, 8), class_dropout=0.0).per_token[0]
+    b = next_token_loss(model, other, torch.tensor([3]), (8, 8), class_dropout=0.0).per_token[0]
+    diff = (a - b).abs() > 1e-6
+    assert not diff[:j].any(), "positions before j must not see token j"
+    assert diff[j], "position j's target changed"
+    assert diff[j + 1:].all(), "every later position sees token j"
+
+
+def test_masked_training_sees_both_sides_and_never_the_hidden_values():
+    model = tiny("maskgil-tiny")
+    tokens = torch.randint(0, 32, (1, 64))
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, ::3] = True
+    args = dict(mask_id=32, class_dropout=0.0, label_smoothing=0.1)
+    base = masked_token_loss(model, tokens, torch.tensor([1]), (8, 8), mask=mask, **args).per_token[0]
+    # a visible token in the middle influences masked positions before and after it
+    vis = tokens.clone()
+    vis[0, 31] = (tokens[0, 31] + 5) % 32
+    assert not mask[0, 31]
+    d = (masked_token_loss(model, vis, torch.tensor([1]), (8, 8), mask=mask, **args).per_token[0] - base).abs()
+    assert (d[:31][mask[0, :31]] > 1e-7).all() and (d[32:][mask[0, 32:]] > 1e-7).all()
+    assert (d[~mask[0]] == 0).all()
+    # a hidden token's true value reaches only its own target, never the context of others
+    hid = tokens.clone()
+    hid[0, 30] = (tokens[0, 30] + 5) % 32
+    assert mask[0, 30]
+    d = (masked_token_loss(model, hid, torch.tensor([1]), (8, 8), mask=mask, **args).per_token[0] - base).abs()
+    assert d[30] > 0 and (torch.cat([d[:30], d[31:]]) == 0).all()
