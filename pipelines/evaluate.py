@@ -18,8 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from maskgil.evaluation.generation import ModelPaths, SamplerSpec
-from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
+from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
+from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

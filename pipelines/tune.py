@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from maskgil.evaluation.sweep import load_sweep
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/tune.py` from a checkout
+from maskgil.evaluation.sweep import load_sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

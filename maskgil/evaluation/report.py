@@ -41,7 +41,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_tables(rows: list[dict], out_dir: str | os.PathLike, stem: str = "results") -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out_dir: str | os.PathLike, stem: str = "results",
+                 columns: tuple[str, ...] = TABLE_COLUMNS) -> tuple[Path, Path]:
     """`<stem>.csv` with every column, `<stem>.md` with the main ones; rows sorted by FID. The
     Markdown names the feature network(s) and reference(s) the numbers come from."""
     out_dir = Path(out_dir)
@@ -54,7 +55,7 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike, stem: str = "resu
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in keys})
-    cols = [c for c in TABLE_COLUMNS if any(c in r and r[c] is not None for r in rows)]
+    cols = [c for c in columns if any(c in r and r[c] is not None for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     networks = sorted({str(r.get("feature_network")) for r in rows})
