@@ -254,6 +254,7 @@ def test_evaluate_end_to_end_local(setup, tmp_path):
                      reference=setup["reference"], classifier="none", npz=str(tmp_path / "samples.npz"),
                      cache_dir=setup["cache"], grid_images=16)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("eval-test", artifact_location=str(tmp_path / "artifacts"))
     r = evaluate(cfg, engine="local", out_dir=tmp_path / "out", tracking_uri=uri, experiment="eval-test",
                  progress=False, batch_size=5)
     with np.load(tmp_path / "samples.npz") as z:

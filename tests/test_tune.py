@@ -142,6 +142,7 @@ groups: [{{cfg_scale: [1.0, 3.0]}}]
 """)
     sweep = load_sweep(sweep_file)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("sweep-two-trials", artifact_location=str(tmp_path / "artifacts"))
     summary = run_sampling_sweep(sweep, tmp_path / "out", tracking_uri=uri, progress=False)
     assert summary["trials"] == 2 and not summary["errors"]
     with open(summary["csv"]) as f:
