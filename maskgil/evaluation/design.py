@@ -67,16 +67,27 @@ def trial_run_config(train_config: str, trial: dict, steps: int, shards: str, co
 
 def prepare_shards(sweep: dict, root: Path, progress: bool = True) -> dict[str, str]:
     """{tokenizer name: shard dir}, pretokenizing the dataset once per tokenizer that a trial uses."""
+    from maskgil.checkpoint import weights_hash
     from maskgil.data.pretokenize import PretokenizeConfig, run_pretokenize
+    from maskgil.data.shards import read_manifest
 
     used = sorted({t["tokenizer"] for t in sweep["trials"]})
+    given = sweep.get("shards") or {}
     out = {}
     for name in used:
+        if name in given:  # shards written earlier (e.g. by the quickstart) with this tokenizer
+            want = weights_hash(sweep["tokenizers"][name])
+            got = read_manifest(given[name])["tokenizer"]["weights_sha256"]
+            if got != want:
+                raise ValueError(f"shards {given[name]} were written by tokenizer weights {got[:12]}, "
+                                 f"not {name} ({want[:12]})")
+            out[name] = str(Path(given[name]).resolve())
+            continue
         shard_dir = root / "shards" / name
         cfg = PretokenizeConfig(source=str(Path(sweep["dataset"]) / "train") if (Path(sweep["dataset"]) / "train").is_dir()
                                 else sweep["dataset"], format=sweep.get("source_format", "imagenet"), out=str(shard_dir),
                                 tokenizer=sweep["tokenizers"][name], image_size=int(sweep.get("image_size", 64)),
-                                cpus_per_tokenizer=float(sweep.get("cpus_per_trial", 1)))
+                                cpus_per_tokenizer=float(sweep.get("pretokenize_cpus", 1)))
         run_pretokenize(cfg, progress=progress)  # resumes: shards already written are kept
         out[name] = str(shard_dir)
     return out
