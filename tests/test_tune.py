@@ -199,3 +199,7 @@ def test_rung_run_config_trains_to_the_rung_with_the_trial_flags(tmp_path):
 
     model = build_model(cfg["train"]["preset"], device="meta", **cfg["train"]["model_overrides"])
     assert model.config.qk_norm == "none" and model.config.post_norm is False and model.config.vocab_size == 256
+
+
+def test_result_row_blanks_steps_for_ar():
+    assert result_row("t", {"sampler": "ar", "steps": 8}, {"fid": 1.0})["steps"] is None

@@ -191,7 +191,7 @@ def run_design_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: str 
             errors.append(f"{res.config.get('design')}: {res.error}")
             continue
         d = res.config["design"]
-        row = {"trial": res.path.rsplit("/", 1)[-1], "tokenizer": d["tokenizer"], "preset": d["preset"],
+        row = {"trial": res.metrics.get("trial_id", res.path.rsplit("/", 1)[-1]), "tokenizer": d["tokenizer"], "preset": d["preset"],
                "model": json.dumps(d["model"], sort_keys=True), "rungs_done": res.metrics.get("rung", -1) + 1}
         row.update({k: v for k, v in res.metrics.items() if isinstance(v, (int, float, str)) and k not in row})
         rows.append(row)

@@ -71,6 +71,8 @@ def result_row(trial_id: str, settings: dict, metrics: dict, n_tokens: int | Non
     row["label"] = metrics.get("sampler") or spec.label(n_tokens)
     if spec.sampler == "fusion" and n_tokens is not None:
         row["ar_tokens"] = spec.fusion_k(n_tokens)
+    if spec.sampler == "ar":
+        row["steps"] = None  # AR takes one step per token (model_steps); the MaskGIT step count does not apply
     for k, v in metrics.items():
         if k not in row and not isinstance(v, (dict, list)):
             row[k] = v
@@ -151,7 +153,8 @@ def run_sampling_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: st
         if res.error is not None:
             errors.append(f"{res.config.get('spec')}: {res.error}")
             continue
-        rows.append(result_row(res.path.rsplit("/", 1)[-1], res.config["spec"], res.metrics, n_tokens))
+        rows.append(result_row(res.metrics.get("trial_id", res.path.rsplit("/", 1)[-1]), res.config["spec"],
+                               res.metrics, n_tokens))
     return write_report(rows, out_dir, sweep, errors)
 
 
