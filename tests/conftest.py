@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Tests run on 2 CPU cores: keep intra-op threads bounded and results deterministic.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run on 2 CPU cores next to Ray worker processes: one intra-op thread per process avoids
+# oversubscription (spinning OpenMP threads made small forwards 50x slower when cores were busy).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
