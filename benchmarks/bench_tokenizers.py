@@ -57,7 +57,7 @@ def entropy_memory_child(tokens: int, bits: int, chunk: int | None, device: str)
         peak = _peak_rss_bytes()
     return {"tokens": tokens, "bits": bits, "chunk": chunk, "peak_extra_bytes": peak - base,
             "peak_extra_mib": (peak - base) / 2**20, "seconds": time.time() - t0,
-            "loss": float(per_sample - codebook), "memory": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS"}
+            "loss": (per_sample - codebook).item(), "memory": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS"}
 
 
 def entropy_memory(tokens: int, bits: int, chunk: int | None, device: str) -> dict:

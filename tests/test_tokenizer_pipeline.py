@@ -62,6 +62,19 @@ def test_evaluate_cli_reports_psnr_against_hand_value(tmp_path, capsys):
     assert result["codebook_usage_pct"] == pytest.approx(100 * codes.unique().numel() / 512)
 
 
+def test_evaluate_classifier_accuracy_on_reconstructions():
+    from maskgil.classifier import ClassifierConfig, EmbeddedClassifier, classify, shape_and_colour
+    from maskgil.tokenizers.evaluate import evaluate_tokenizer, load_eval_images
+
+    tok, clf = build_tokenizer("llamagen-vq-tiny"), EmbeddedClassifier(ClassifierConfig(image_size=32))
+    images, labels = load_eval_images("embedded:12:val", image_size=32, with_labels=True)
+    result = evaluate_tokenizer(tok, images, batch_size=5, rfid=False, labels=labels, classifier=clf)
+    pred = classify(clf, tok.reconstruct(images))
+    assert result["recon_accuracy"] == pytest.approx(float((pred == labels).mean()))
+    assert result["recon_shape_accuracy"] == pytest.approx(float((shape_and_colour(pred)[0] == labels // 4).mean()))
+    assert result["original_accuracy"] == pytest.approx(float((classify(clf, images) == labels).mean()))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

@@ -134,6 +134,18 @@ def test_dead_codes_are_restarted_onto_encoder_outputs():
     assert sq_dists.max() < 1e-10
 
 
+def test_random_crops_are_windows_of_each_image():
+    from maskgil.tokenizers.training import random_crops
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).view(2, 3, 8, 8)
+    crops = random_crops(x, 4)
+    assert crops.shape == (2, 3, 4, 4)
+    for i in range(2):  # each crop equals some 4x4 window of its own image
+        assert any(torch.equal(crops[i], x[i, :, t : t + 4, l : l + 4]) for t in range(5) for l in range(5))
+    with pytest.raises(ValueError, match="larger than"):
+        random_crops(x, 9)
+
+
 def test_batch_iterator_epochs_and_datasets():
     data = np.arange(10)[:, None]
     it = batch_iterator(data, 4, seed=0)

@@ -1,6 +1,7 @@
 """Reconstruction metrics of a tokenizer: PSNR, SSIM, codebook usage %, rFID. Also a CLI:
 
-    python -m maskgil.tokenizers.evaluate --tokenizer DIR --images embedded:512:val --image-size 64
+    python -m maskgil.tokenizers.evaluate --tokenizer DIR --images embedded:512:val --image-size 64 \
+        --classifier runs/classifier      # + class/colour/shape accuracy on the reconstructions
     python -m maskgil.tokenizers.evaluate --tokenizer DIR --images /data/imagenet/val --format imagenet \
         --image-size 256 --limit 50000 --inception-weights pt_inception-2015-12-05-6726825d.pth
 
@@ -29,8 +30,14 @@ def _batches(images: Any, batch_size: int) -> Iterator[Any]:
 
 
 def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int = 32, rfid: bool = True,
-                       inception_weights: str | None = None, progress: bool = False) -> dict:
-    """Metrics of `tokenizer` on `images` (uint8 (N,H,W,3)/(N,3,H,W) or float (N,3,H,W) in [-1,1])."""
+                       inception_weights: str | None = None, progress: bool = False, labels: Any = None,
+                       classifier: Any = None) -> dict:
+    """Metrics of `tokenizer` on `images` (uint8 (N,H,W,3)/(N,3,H,W) or float (N,3,H,W) in [-1,1]).
+
+    With embedded-set `labels` and an `EmbeddedClassifier`, also how often the classifier still names
+    the right class / colour / shape on the reconstructions (vs on the originals): whether the
+    tokenizer keeps the classes recognisable.
+    """
     from tqdm.auto import tqdm
 
     n = len(images)
@@ -46,7 +53,7 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
         used[codes.reshape(-1).cpu()] = True
         psnrs.append(psnr(x, rec, data_range=2.0))
         ssims.append(ssim(x, rec, data_range=2.0))
-        if rfid:
+        if rfid or classifier is not None:
             originals.append(x)
             recons.append(rec)
     out = {
@@ -59,6 +66,11 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
         "codebook_size": tokenizer.codebook_size,
         "reconstruct_s": time.time() - start,
     }
+    if classifier is not None and labels is not None:
+        from maskgil.classifier import class_accuracy
+
+        for name, imgs in (("original", torch.cat(originals)), ("recon", torch.cat(recons))):
+            out.update({f"{name}_{k}": v for k, v in class_accuracy(classifier, imgs, labels).items()})
     if rfid:
         extractor = InceptionFeatureExtractor(weights_path=inception_weights, batch_size=batch_size)
         f_real = extractor.features(torch.cat(originals))
@@ -70,10 +82,11 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
     return out
 
 
-def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, limit: int | None = None) -> np.ndarray:
+def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, limit: int | None = None,
+                     with_labels: bool = False):
     """`embedded:N[:split]` -> procedural images; else a directory in `fmt` (imagenet | parquet |
     webdataset), decoded and ADM-centre-cropped to `image_size`. Undecodable inputs are skipped and
-    counted on stderr (never silently)."""
+    counted on stderr (never silently). `with_labels`: return (images, labels or None)."""
     import sys
 
     if spec.startswith("embedded"):
@@ -82,7 +95,8 @@ def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, l
         parts = spec.split(":")
         n = int(parts[1]) if len(parts) > 1 else (limit or 512)
         split = parts[2] if len(parts) > 2 else "val"
-        return make_dataset(EmbeddedSpec(split=split, width=image_size, height=image_size), n)[0]
+        images, labels, _ = make_dataset(EmbeddedSpec(split=split, width=image_size, height=image_size), n)
+        return (images, labels) if with_labels else images
     if fmt is None:
         raise ValueError("--format is required for a directory of images (imagenet | parquet | webdataset)")
     from maskgil.data.images import BadImage, decode_image, resize_crop
@@ -103,7 +117,7 @@ def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, l
         print(f"skipped {bad} undecodable inputs under {spec}", file=sys.stderr)
     if not out:
         raise ValueError(f"no decodable images under {spec}")
-    return np.stack(out)
+    return (np.stack(out), None) if with_labels else np.stack(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,13 +130,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-rfid", action="store_true", help="skip the Inception pass")
     p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file (default: offline net)")
+    p.add_argument("--classifier", default=None, help="embedded-set classifier dir: class accuracy on reconstructions")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     size = args.image_size or (64 if args.images.startswith("embedded") else 256)
     tok = load_tokenizer(args.tokenizer, map_location=args.device)
-    images = load_eval_images(args.images, args.format, size, args.limit)
+    images, labels = load_eval_images(args.images, args.format, size, args.limit, with_labels=True)
+    classifier = None
+    if args.classifier:
+        from maskgil.classifier import load_embedded_classifier
+
+        classifier = load_embedded_classifier(args.classifier)
     result = evaluate_tokenizer(tok, images, args.batch_size, rfid=not args.no_rfid,
-                                inception_weights=args.inception_weights, progress=True)
+                                inception_weights=args.inception_weights, progress=True, labels=labels,
+                                classifier=classifier)
     result["tokenizer"] = args.tokenizer
     print(json.dumps(result, indent=2))
     return result

@@ -57,6 +57,7 @@ class TokenizerTrainConfig:
     disc_lr: float | None = None  # defaults to lr
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.999
     dead_code_restart: int = 0  # every N steps, re-seed VQ codes unused since the last check (0 = off)
+    crop_size: int = 0  # train on random crops of this size (fully convolutional: ~(H/crop)^2 cheaper steps); 0 = off
     seed: int = 0
 
 
@@ -99,6 +100,16 @@ def batch_iterator(data: Any, batch_size: int, seed: int = 0) -> Iterator[Any]:
 
 
 # -- the trainer -------------------------------------------------------------------------------------
+def random_crops(x: torch.Tensor, size: int) -> torch.Tensor:
+    """One random size x size crop per image: (B,C,H,W) -> (B,C,size,size) (global torch RNG)."""
+    B, _, H, W = x.shape
+    if size > min(H, W):
+        raise ValueError(f"crop_size {size} is larger than the {H}x{W} training images")
+    top = torch.randint(0, H - size + 1, (B,)).tolist()
+    left = torch.randint(0, W - size + 1, (B,)).tolist()
+    return torch.stack([x[i, :, t : t + size, l : l + size] for i, (t, l) in enumerate(zip(top, left))])
+
+
 def _sync_grads(params: Iterable[torch.nn.Parameter]) -> None:
     """Average gradients over the process group (data parallel without a DDP wrapper, so the two
     backward passes of GAN training and the adaptive weight stay simple)."""
@@ -191,6 +202,8 @@ class TokenizerTrainer:
     def train_step(self, images: Any) -> dict[str, float]:
         c = self.config
         x = to_model_input(images).to(self.device)
+        if c.crop_size and c.crop_size < min(x.shape[-2:]):
+            x = random_crops(x, c.crop_size)
         self.model.check_image_size(x.shape[-2], x.shape[-1])
         self.model.train()
         for group in self.opt.param_groups:
