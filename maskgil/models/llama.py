@@ -98,6 +98,15 @@ class LlamaConfig:
         return self.num_classes
 
 
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """Bias-free `layer(x)`. For a handful of rows (AR decoding, no grad) it computes W @ x^T, which
+    streams the weight at memory bandwidth: ~4x faster on CPU than x @ W^T for 2 rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= 16 and not torch.is_grad_enabled():
+        return (layer.weight @ x.reshape(rows, x.shape[-1]).T).T.reshape(*x.shape[:-1], layer.weight.shape[0])
+    return layer(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -160,7 +169,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, attn_mask=None, is_causal=False, cache_start: int | None = None):
         # x: (B, L, D); rope: (L, Dh/2, 2) for these positions; attn_mask: bool, True = may attend
         B, L, D = x.shape
-        q, k, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
+        q, k, v = linear(x, self.wqkv).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
         if self.q_norm is not None:  # QK-Norm before RoPE (Chameleon placement)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -170,7 +179,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, L, Dh)
-        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+        return linear(y.transpose(1, 2).reshape(B, L, D), self.wo)
 
 
 class FeedForward(nn.Module):
@@ -182,7 +191,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(F.silu(linear(x, self.w1)) * linear(x, self.w3), self.w2)
 
 
 class Block(nn.Module):
@@ -328,8 +337,8 @@ class LlamaGenerator(nn.Module):
 
     def head(self, h):  # (B, T, D) -> (B, T, sum of head sizes)
         if not self.config.factorization:
-            return self.output(h)
-        return torch.cat([head(h) for head in self.sub_heads], dim=-1)
+            return linear(h, self.output)
+        return torch.cat([linear(h, head) for head in self.sub_heads], dim=-1)
 
     def reset_buffers(self, device=None):
         self._rope_cache = {}
