@@ -156,6 +156,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(head, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
     assert out["step"] == 8
     run_id = out["run_id"]
+    # the final checkpoint names its training run, so evaluations can link to it
+    from maskgil.checkpoint import read_config
+    assert read_config(out["checkpoint"])["extra"]["mlflow_run_id"] == run_id
     # Steps 1-5 ran, then the kill. The restarted workers load the last checkpoint Ray had registered
     # (step 4, or step 2 when the controller had not yet collected step 4's report when the worker
     # died) and run exactly the steps after it: nothing skipped, nothing beyond the checkpoint twice.

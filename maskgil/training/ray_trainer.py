@@ -147,7 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_checkpoint(step, metrics, state):
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, model, optimizer, state, rank, extra={"train_config": cfg.to_dict(), "step": step})
+            save_checkpoint(tmp, model, optimizer, state, rank, extra={"train_config": cfg.to_dict(), "step": step,
+                                                                          "mlflow_run_id": config["mlflow_run_id"]})
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(_scalars(metrics), checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
 
