@@ -1,0 +1,56 @@
+"""A real local Ray head (`ray start --head --block`) for cluster tests, on ports the caller owns.
+
+Each test module passes its own port range so modules never collide; the head is stopped by its
+own PID (SIGTERM to `ray start --block`), never by `ray stop`, which would stop every cluster.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def head_env() -> dict:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH="", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@contextlib.contextmanager
+def local_head(log_dir, tag: str, gcs_port: int, dashboard_port: int, aux_base: int, worker_ports: tuple[int, int]):
+    """Yield the dashboard URL of a head using gcs_port, dashboard_port and aux_base+1..+7."""
+    temp = f"/tmp/{tag}_ray_{os.getpid()}"  # short: Ray's socket paths must stay under ~100 chars
+    aux = [f"--{name}={aux_base + i}" for i, name in enumerate(
+        ["ray-client-server-port", "dashboard-agent-listen-port", "metrics-export-port", "dashboard-agent-grpc-port",
+         "runtime-env-agent-port", "node-manager-port", "object-manager-port"], start=1)]
+    cmd = RAY + ["start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+                 "--num-cpus=2", f"--temp-dir={temp}", *aux,
+                 f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}"]
+    log = open(os.path.join(log_dir, "head.log"), "w")
+    proc = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray head did not come up; see {log.name}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()  # `ray start --block` stops the processes it started on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
