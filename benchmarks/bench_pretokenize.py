@@ -53,8 +53,7 @@ def main() -> None:
 
     result = {"tokenizer": args.tokenizer_preset, "weights": "random init (throughput does not depend on weights)",
               "image_size": args.image_size, "n_images": args.n, "num_cpus": args.num_cpus, "threads": args.threads,
-              "device": "cpu", "note": "measured on a 2-core machine shared with other engineers' jobs: "
-                                        "absolute figures are contaminated by their load"}
+              "device": "cpu", "load_average_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()

@@ -109,7 +109,8 @@ def main(argv=None):
         "achieved_flops": achieved, "matmul_peak_flops": peak, "peak_before_after": [peak_before, peak_after],
         "fraction_of_peak": achieved / peak,
         "goal": 0.45 if device.type == "cuda" else 0.50,
-        "note": "timings on a shared machine are only as good as its load; the peak is measured in the same run",
+        "load_average": os.getloadavg(),
+        "note": "timings are only as good as the machine's load; the peak is measured in the same run",
     }
     print(json.dumps(out, indent=2))
 

@@ -8,6 +8,7 @@ trained on real images in about a minute on 2 CPU cores, answers that, and split
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -88,14 +89,42 @@ def class_accuracy(model: EmbeddedClassifier, images, labels) -> dict:
     }
 
 
-def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int = 64, n_train: int = 2048,
-                              n_val: int = 512, steps: int = 400, batch_size: int = 64, lr: float = 3e-3,
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) with reflect padding (radius ceil(2.5 sigma))."""
+    r = max(1, math.ceil(2.5 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma**2))
+    k = (k / k.sum()).to(x.device)
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, blur_sigma: tuple[float, float] = (0.5, 2.5)) -> torch.Tensor:
+    """Flips, blur and pixel noise on real images (N, 3, H, W) in [-1, 1].
+
+    Why blur: the judge scores tokenizer-decoded images, which are real images seen through a
+    lossy 8x8-code bottleneck, i.e. softer edges. Trained on sharp images only, it called half of
+    the reconstructions of real val images the wrong shape; with 3 of every 4 quarter-batches
+    blurred (sigma drawn per quarter) it names them as a person would, and stays ~99% on real ones."""
+    n = len(x)
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    parts = list(x.chunk(4))
+    for j in range(1, len(parts)):
+        sigma = float(torch.empty(1).uniform_(*blur_sigma, generator=gen))
+        parts[j] = gaussian_blur(parts[j], sigma)
+    x = torch.cat(parts)
+    return (x + 0.05 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int = 64, n_train: int = 4096,
+                              n_val: int = 512, steps: int = 600, batch_size: int = 64, lr: float = 3e-3,
                               seed: int = 0, data_seed: int = 0, log_every: int = 0):
     """Train on real embedded `train` images, measure on `val`; save a checkpoint dir unless out_dir is None.
 
     Returns (model, val_accuracy). The colour and shape accuracies are in config.json's "extra".
-    Augmentation: horizontal flips and mild pixel noise, so decoded (slightly blurred, noisy)
-    samples are not out of distribution for it.
+    Augmentation (`augment_batch`): flips, Gaussian blur and mild pixel noise, so decoded (blurred,
+    noisy) samples are not out of distribution for it.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -111,10 +140,7 @@ def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int
     model.train()
     for step in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        xb = x[idx]
-        flip = torch.rand(batch_size, generator=gen) < 0.5
-        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        xb = (xb + 0.05 * torch.randn(xb.shape, generator=gen)).clamp(-1, 1)
+        xb = augment_batch(x[idx], gen)
         loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

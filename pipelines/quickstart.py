@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=4096, help="embedded training images")
     p.add_argument("--tokenizer-steps", type=int, default=1500)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
-    p.add_argument("--classifier-steps", type=int, default=200)
+    p.add_argument("--classifier-steps", type=int, default=600)
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))
     p.add_argument("--llamagen-config", default=str(ROOT / "ray_configs/train_llamagen_tiny.yaml"))
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",

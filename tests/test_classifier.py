@@ -18,7 +18,7 @@ from maskgil.data.embedded import CLASS_NAMES, COLOUR_NAMES, SHAPES, EmbeddedSpe
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    model, val_acc = train_embedded_classifier(out, n_train=1024, n_val=256, steps=200, batch_size=32, seed=0)
+    model, val_acc = train_embedded_classifier(out, n_train=1024, n_val=256, steps=400, batch_size=32, seed=0)
     return out, model, val_acc
 
 
@@ -71,3 +71,29 @@ def test_bad_labels_are_refused(val_set):
         class_accuracy(model, images[:4], labels[:3])
     with pytest.raises(ValueError, match="0..15"):
         class_accuracy(model, images[:2], np.array([0, 16]))
+
+
+def test_gaussian_blur_matches_a_direct_convolution():
+    from maskgil.classifier import gaussian_blur
+
+    sigma = 1.3
+    r = int(np.ceil(2.5 * sigma))
+    g = np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2))
+    kernel = np.outer(g, g) / g.sum() ** 2  # the 2D kernel the separable filter must equal
+    img = np.zeros((1, 1, 21, 21))
+    img[0, 0, 10, 10] = 1.0  # an impulse far from the border: its blur is the kernel itself
+    out = gaussian_blur(torch.tensor(img, dtype=torch.float64), sigma)[0, 0].numpy()
+    np.testing.assert_allclose(out[10 - r:11 + r, 10 - r:11 + r], kernel, atol=1e-12)
+    assert abs(out.sum() - 1.0) < 1e-12
+    flat = torch.full((2, 3, 16, 16), 0.3, dtype=torch.float64)  # reflect padding keeps flat images flat
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+
+
+def test_augmentation_blurs_three_quarters_of_a_batch():
+    from maskgil.classifier import augment_batch
+
+    x = torch.zeros(8, 3, 16, 16)
+    x[:, :, 8, 7:9] = 1.0  # symmetric under the horizontal flip
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    peaks = out[:, :, 8, 7:9].mean(dim=(1, 2))  # an unblurred impulse keeps ~1 (noise 0.05), a blurred one drops
+    assert (peaks[:2] > 0.8).all() and (peaks[2:] < 0.5).all()
