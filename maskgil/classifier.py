@@ -170,8 +170,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Train the embedded-set classifier that judges generated samples.")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--n-train", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--n-train", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     train_embedded_classifier(args.out, image_size=args.image_size, n_train=args.n_train, steps=args.steps,

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES + ("all",), help="stages to recompute")
     p.add_argument("--n-train", type=int, default=4096, help="embedded training images")
+    p.add_argument("--tokenizer-preset", default="llamagen-vq-tiny",
+                   help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
     p.add_argument("--tokenizer-steps", type=int, default=1500)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
     p.add_argument("--classifier-steps", type=int, default=600)
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
         def run_stage(name, fn):
             path = dirs[name]
             done = None if name in redo else stage_done(path)
+            if name == "tokenizer" and done and done.get("preset", args.tokenizer_preset) != args.tokenizer_preset:
+                raise SystemExit(f"{path} holds a {done['preset']} tokenizer, not {args.tokenizer_preset}: "
+                                 f"use another --out, or --redo all")
             if name == "tokenizer" and done and done.get("steps", 0) < args.tokenizer_steps:
                 done = None  # asked for more steps: continue from train_state.pt
             if done is not None:
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
                 mlflow.log_metric(k, res[k])
         for png in sorted(dirs["samples"].glob("*.png")):
             mlflow.log_artifact(str(png), "samples")
-    print_summary(summary, times, total, dirs)
+    print_summary(summary, times, total, dirs, uri)
     met = res.get("mar_accuracy", 0) >= 0.8
     if not met:
         print("quickstart target (MAR class accuracy >= 80% at CFG 2) NOT met; the pipeline itself completed")
@@ -168,7 +173,7 @@ def stage_tokenizer(path: Path, args, parent_id: str) -> dict:
     val = load_folder_images(path.parent / "dataset" / "val")[::2][:256]
     # Pixel L2 + VQ terms only: on 2 CPU cores the Inception perceptual loss costs ~10x a step and
     # the GAN starts after this budget anyway; 8x8 codes of flat-coloured shapes need neither.
-    cfg = default_train_config("llamagen-vq-tiny", perceptual="none", perceptual_weight=0.0, disc_weight=0.0)
+    cfg = default_train_config(args.tokenizer_preset, perceptual="none", perceptual_weight=0.0, disc_weight=0.0)
     resumed = (path / TRAIN_STATE_NAME).is_file()
     trainer = TokenizerTrainer.resume(path) if resumed else TokenizerTrainer(cfg)
     with mlflow.start_run(run_name="tokenizer", nested=True):
@@ -189,7 +194,7 @@ def stage_tokenizer(path: Path, args, parent_id: str) -> dict:
         grid = save_recon_grid(tok, val[::16][:8], path / "reconstructions.png")
         mlflow.log_metric("val_psnr", val_psnr)
         mlflow.log_artifact(str(grid))
-    return {"steps": trainer.step, "val_psnr_db": round(val_psnr, 2),
+    return {"preset": args.tokenizer_preset, "steps": trainer.step, "val_psnr_db": round(val_psnr, 2),
             "codebook_usage": history[-1].get("usage_window") if history else None}
 
 
@@ -219,6 +224,9 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
     config = args.maskgil_config if kind == "maskgil" else args.llamagen_config
     over = parse_overrides(args.set)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
+    codebook = json.loads((dirs["shards"] / "manifest.json").read_text())["codebook_size"]
+    train = over.setdefault("train", {})
+    train["model_overrides"] = {**train.get("model_overrides", {}), "vocab_size": codebook}
     run = over.setdefault("run", {})
     run.update(output=str(path), tokenizer=str(dirs["tokenizer"]), tracking_uri=uri, experiment="maskgil-quickstart",
                name=f"quickstart-{kind}", storage_path=str(path.parent / "ray_train"),
@@ -268,14 +276,14 @@ def stage_samples(path: Path, args, dirs) -> dict:
         out[f"{name}_shape_accuracy"] = scores["shape_accuracy"]
         out[f"{name}_n"] = len(labels)
         out[f"{name}_sample_seconds"] = round(timings[name], 1)
-        # PNG: one row per class, 4 samples each (first 4 of each class)
-        keep = np.concatenate([np.arange(c * n, c * n + 4) for c in range(len(classes))])
+        # PNG: the first (up to) 4 samples of each class, 8 per row
+        keep = np.concatenate([np.arange(c * n, c * n + min(n, 4)) for c in range(len(classes))])
         big = np.kron(image_grid(images[keep], ncol=8), np.ones((2, 2, 1), np.uint8))  # 2x nearest upscale
         save_png(big, path / f"{name}_cfg{args.cfg_scale:g}.png")
     return out
 
 
-def print_summary(summary: dict, times: dict, total: float, dirs: dict) -> None:
+def print_summary(summary: dict, times: dict, total: float, dirs: dict, uri: str) -> None:
     print("\n" + "=" * 72)
     print("MaskGIL quickstart summary")
     print("=" * 72)
@@ -295,7 +303,7 @@ def print_summary(summary: dict, times: dict, total: float, dirs: dict) -> None:
               f"{r['recon_accuracy']:.1%} (the ceiling for generated samples)")
     print(f"\nsample grids: {dirs['samples']}/*.png   checkpoints: {dirs['maskgil']}, {dirs['llamagen']}, "
           f"{dirs['tokenizer']}")
-    print("compare runs: mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"compare runs: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def generator_info(paths: ModelPaths, sampler: str) -> GeneratorInfo:
 # ----------------------------------------------------------------------------------- classifier
 
 def resolve_classifier(choice: str, num_classes: int, image_size: int, cache_dir: str | os.PathLike,
-                       train_steps: int = 200) -> str | None:
+                       train_steps: int = 600) -> str | None:
     """Checkpoint dir of the embedded-set classifier to use, or None.
 
     'auto': only for embedded-set generators (16 classes); reuses `<cache_dir>/embedded-classifier-<size>`
