@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy.spatial import ConvexHull
 
-from maskgil.data.embedded import (CLASS_NAMES, COLOURS, NUM_CLASSES, EmbeddedSpec, class_dir_name, make_dataset,
+from maskgil.data.embedded import (CLASS_NAMES, NUM_CLASSES, EmbeddedSpec, class_dir_name, make_dataset,
                                    make_image, sample_attributes, write_imagenet_folder, write_parquet, write_webdataset)
 
 # Reference colours and geometry written out independently of the module's tables.

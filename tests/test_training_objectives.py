@@ -32,7 +32,7 @@ def hand_smoothed_ce(logits_row, target, eps):
 
 
 def test_masked_loss_equals_hand_computation_on_masked_positions_only():
-    V, B, N = 4, 2, 3
+    V = 4  # batch 2, 3 positions
     logits = torch.tensor([[[2.0, 0.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4], [3.0, -3.0, 0.0, 0.0]],
                            [[0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0], [-1.0, 5.0, 0.0, 2.0]]])
     tokens = torch.tensor([[1, 3, 0], [2, 1, 1]])

@@ -9,8 +9,8 @@ import dataclasses
 
 import torch
 
-from maskgil.models.llama import LlamaConfig, LlamaGenerator
-from maskgil.models.transformer import BidirectionalTransformer, TransformerConfig
+from maskgil.models.llama import LlamaGenerator
+from maskgil.models.transformer import BidirectionalTransformer
 
 # (n_layers, n_heads, dim) per paper size
 SIZES = {"b": (12, 12, 768), "l": (24, 16, 1024), "xl": (36, 20, 1280), "xxl": (48, 24, 1536)}

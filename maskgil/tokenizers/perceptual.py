@@ -15,7 +15,6 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from maskgil.metrics.inception import default_torchscript_path
 

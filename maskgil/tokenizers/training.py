@@ -11,7 +11,6 @@ Used by `pipelines/train_tokenizer.py` (Ray Train workers) and directly by the q
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
