@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +17,11 @@ import torch
 import yaml
 
 from maskgil.training.runconfig import load_run_config, parse_overrides
+from ray_head import local_head
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ray_configs"
 GCS_PORT, DASHBOARD_PORT = 6710, 8710
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 # ------------------------------------------------------------------------------ configs (fast)
@@ -84,34 +82,8 @@ def _env():
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    temp = f"/tmp/mgt_ray_{os.getpid()}"  # short: Ray's socket paths must stay under ~100 chars
-    cmd = RAY + ["start", "--head", "--block", f"--port={GCS_PORT}", "--node-ip-address=127.0.0.1",
-                 "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true",
-                 "--num-cpus=2", f"--temp-dir={temp}", "--ray-client-server-port=10701",
-                 "--dashboard-agent-listen-port=10702", "--metrics-export-port=10703",
-                 "--dashboard-agent-grpc-port=10704", "--runtime-env-agent-port=10705", "--node-manager-port=10706",
-                 "--object-manager-port=10707", "--min-worker-port=10720", "--max-worker-port=10799"]
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{DASHBOARD_PORT}/api/version", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray head did not come up; see {log.name}")
-                time.sleep(1)
+    with local_head(tmp_path_factory.mktemp("head"), "mgt", GCS_PORT, DASHBOARD_PORT, 10700, (10720, 10799), env=_env()):
         yield f"127.0.0.1:{GCS_PORT}"
-    finally:
-        proc.terminate()  # `ray start --block` stops the processes it started on SIGTERM
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8)):
