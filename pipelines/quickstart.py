@@ -218,13 +218,14 @@ def stage_shards(path: Path, dirs) -> dict:
 
 
 def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str) -> dict:
+    from maskgil.data.shards import read_manifest
     from maskgil.training.ray_trainer import run_training
     from maskgil.training.runconfig import load_run_config, parse_overrides
 
     config = args.maskgil_config if kind == "maskgil" else args.llamagen_config
     over = parse_overrides(args.set)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
-    codebook = json.loads((dirs["shards"] / "manifest.json").read_text())["codebook_size"]
+    codebook = read_manifest(str(dirs["shards"]))["codebook_size"]
     train = over.setdefault("train", {})
     train["model_overrides"] = {**train.get("model_overrides", {}), "vocab_size": codebook}
     run = over.setdefault("run", {})
