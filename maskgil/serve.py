@@ -77,7 +77,7 @@ def _pick_device(device: str) -> torch.device:
 # Fields that make two configs the same architecture (training-only knobs like dropout excluded).
 GENERATOR_SHAPE = ("dim", "n_layers", "n_heads", "causal", "rope", "qk_norm", "post_norm", "multiple_of")
 TOKENIZER_SHAPE = ("ch", "ch_mult", "enc_res_blocks", "dec_res_blocks", "z_channels", "attn_at_lowest", "mid_attn",
-                   "norm_groups", "codebook_size", "codebook_dim", "l2_norm")
+                   "norm_groups", "norm", "codebook_size", "codebook_dim", "l2_norm")
 
 
 def matching_preset(config: dict, tokenizer: bool = False) -> str | None:

@@ -227,7 +227,8 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
     codebook = read_manifest(str(dirs["shards"]))["codebook_size"]
     train = over.setdefault("train", {})
-    train["model_overrides"] = {**train.get("model_overrides", {}), "vocab_size": codebook}
+    in_file = load_run_config(config)["train"].get("model_overrides", {})  # keep the file's model shape
+    train["model_overrides"] = {**in_file, **train.get("model_overrides", {}), "vocab_size": codebook}
     run = over.setdefault("run", {})
     run.update(output=str(path), tokenizer=str(dirs["tokenizer"]), tracking_uri=uri, experiment="maskgil-quickstart",
                name=f"quickstart-{kind}", storage_path=str(path.parent / "ray_train"),

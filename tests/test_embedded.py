@@ -90,9 +90,9 @@ def test_captions_match_pixels():
             if c != colour:
                 assert (d < 45).sum() < 0.05 * mask.sum(), (cap, c)
         assert _shape_from_pixels(mask) == shape, (i, cap)
-        # Object extent in the 25-40% band of the short side (hand geometry: area = k * s^2).
+        # Object extent in the 40-60% band of the short side (hand geometry: area = k * s^2).
         s = sample_attributes(spec, i).extent
-        assert 0.25 * 128 <= s <= 0.40 * 128
+        assert 0.40 * 128 <= s <= 0.60 * 128
         k = {"circle": math.pi / 4, "square": 0.81, "triangle": math.sqrt(3) / 4 * 1.15**2, "cross": 2 * 0.36 - 0.36**2}[shape]
         assert abs(mask.sum() - k * s * s) < 0.08 * k * s * s, (cap, mask.sum(), k * s * s)
 
@@ -124,7 +124,9 @@ def test_bad_spec_is_rejected():
 
 def _close(jpeg_bytes: bytes, img: Image.Image) -> bool:
     dec = np.asarray(Image.open(io.BytesIO(jpeg_bytes)).convert("RGB")).astype(float)
-    return dec.shape == np.asarray(img).shape and np.abs(dec - np.asarray(img)).mean() < 4.0
+    # JPEG q95 at 32 px with 4:2:0 chroma costs up to ~5 grey levels on saturated edges; another
+    # image of the same class differs by 19 or more (43 on average).
+    return dec.shape == np.asarray(img).shape and np.abs(dec - np.asarray(img)).mean() < 7.0
 
 
 def test_imagenet_folder(tmp_path):

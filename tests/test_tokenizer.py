@@ -218,3 +218,35 @@ def test_quantizer_losses_straight_through_and_usage():
     # usage window: 8 ids recorded, the other 4 slots still empty
     assert q.usage() == pytest.approx(len(set(codes.flatten().tolist())) / 10)
     assert (q.codebook_used[:4] == -1).all()
+
+
+# -- code locality (the tiny VQ drops GroupNorm and attention) -----------------------------------
+def _encoder_latent(tok, x):
+    with torch.no_grad():
+        return tok.quant_conv(tok.encoder(x))  # (B, D, h, w) before the nearest-code lookup
+
+
+@pytest.mark.parametrize("norm, local", [("none", True), ("group", False)])
+def test_encoder_without_norm_is_local(norm, local):
+    """Without GroupNorm (and attention) a token's latent depends only on the pixels in its conv receptive field.
+
+    The tiny encoder's 3x3 convs (14 at strides 1/2/4/8 and 3 stride-2 downsamplers) give a receptive
+    field radius of about 85 px, so at 256 px a change in the top-left 32x32 px corner cannot reach the
+    bottom-right 8x8 tokens (pixels >= 192) of the 32x32 grid. GroupNorm pools over the whole image, so
+    with it the same change reaches everywhere."""
+    torch.manual_seed(0)
+    tok = build_tokenizer("llamagen-vq-tiny", norm=norm)
+    x = torch.rand(1, 3, 256, 256) * 2 - 1
+    y = x.clone()
+    y[..., :32, :32] = -y[..., :32, :32]
+    far = (slice(None), slice(None), slice(24, 32), slice(24, 32))
+    changed = (_encoder_latent(tok, x) - _encoder_latent(tok, y)).abs()
+    assert float(changed[..., :2, :2].max()) > 1e-3  # the change is seen where it happened
+    assert (float(changed[far].max()) == 0.0) is local
+
+
+def test_tiny_vq_preset_is_local_and_unknown_norm_is_an_error():
+    cfg = TOKENIZER_PRESETS["llamagen-vq-tiny"][1]
+    assert (cfg.norm, cfg.attn_at_lowest, cfg.mid_attn) == ("none", False, False)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_tokenizer("llamagen-vq-tiny", norm="batch")

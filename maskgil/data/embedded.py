@@ -6,9 +6,10 @@ classifier can judge. 16 classes = 4 shapes x 4 colours, chosen to stay distinct
 8x8 token grid. Every image is a pure function of (seed, split, index), so any worker can make any
 image and two runs make the same bytes.
 
-Nuisance factors (kept mild so the class stays learnable): position, size (25-40% of the short
-side), rotation, a low-contrast background texture and a few small grey clutter marks that are
-drawn *under* the object, so they never hide it.
+Nuisance factors (kept mild so the class stays learnable): position, size (40-60% of the short
+side, i.e. 3-5 tokens of an 8x8 grid; at 2-3 tokens the shape lives in sub-token edge detail and a
+tiny generator learns colour but not shape in minutes), rotation, a low-contrast background texture
+and a few small grey clutter marks that are drawn *under* the object, so they never hide it.
 
 Formats written to disk (the ones real data comes in, so the real code paths run):
 - ImageNet folder: `<root>/{train,val}/<class_dir>/<name>.JPEG`;
@@ -74,7 +75,7 @@ class EmbeddedSpec:
     split: str = "train"
     width: int = 64
     height: int = 64
-    size_range: tuple[float, float] = (0.25, 0.40)  # object extent / short image side
+    size_range: tuple[float, float] = (0.40, 0.60)  # object extent / short image side
     max_clutter: int = 3
     aspect_ratios: tuple[float, ...] | None = None
 
@@ -108,7 +109,7 @@ class ImageAttributes:
     @property
     def size_word(self) -> str:
         frac = self.extent / min(self.width, self.height)
-        return "small" if frac < 0.30 else "medium" if frac < 0.35 else "large"
+        return "small" if frac < 0.47 else "medium" if frac < 0.53 else "large"
 
     def caption(self) -> str:
         rot = "" if self.shape == "circle" or self.rotation == 0 else f" rotated {self.rotation} degrees"

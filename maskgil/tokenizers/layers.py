@@ -11,8 +11,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm(32, eps 1e-6) as in the VQGAN lineage; fewer groups when channels are few (tiny presets)."""
+NORMS = ("group", "none")
+
+
+def group_norm(channels: int, groups: int = 32, kind: str = "group") -> nn.Module:
+    """GroupNorm(32, eps 1e-6) as in the VQGAN lineage; fewer groups when channels are few (tiny presets).
+
+    kind="none" gives an identity instead. GroupNorm pools statistics over the whole image, so every
+    code depends on every pixel (recolouring the object changes ~95% of the background codes of a
+    tiny VQ); without it the encoder is a plain conv net and codes follow their neighbourhood, which
+    a small generator learns far faster (see `llamagen-vq-tiny`)."""
+    if kind == "none":
+        return nn.Identity()
+    if kind != "group":
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
     groups = min(groups, channels)
     while channels % groups:
         groups -= 1
@@ -26,11 +38,11 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """norm -> swish -> conv3x3, twice, plus a (1x1-projected when widths differ) shortcut."""
 
-    def __init__(self, in_channels: int, out_channels: int, groups: int = 32, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = group_norm(in_channels, groups, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -46,9 +58,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions (used only at the lowest resolution)."""
 
-    def __init__(self, channels: int, groups: int = 32):
+    def __init__(self, channels: int, groups: int = 32, norm: str = "group"):
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = group_norm(channels, groups, norm)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -123,24 +135,25 @@ class Encoder(nn.Module):
     """Image (B,3,H,W) -> latent (B, z_channels, H/2^(L-1), W/2^(L-1)) for L = len(ch_mult) levels."""
 
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
-                 attn_at_lowest: bool, mid_attn: bool, groups: int = 32, dropout: float = 0.0, in_channels: int = 3):
+                 attn_at_lowest: bool, mid_attn: bool, groups: int = 32, dropout: float = 0.0, in_channels: int = 3,
+                 norm: str = "group"):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         blocks, c_in = [], ch
         last = len(ch_mult) - 1
         for i, mult in enumerate(ch_mult):
             c_out = ch * mult
-            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, groups, dropout) for j in range(num_res_blocks)]
-            attn = [AttnBlock(c_out, groups) for _ in range(num_res_blocks)] if (attn_at_lowest and i == last) else []
+            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, groups, dropout, norm) for j in range(num_res_blocks)]
+            attn = [AttnBlock(c_out, groups, norm) for _ in range(num_res_blocks)] if (attn_at_lowest and i == last) else []
             blocks.append(Level(res, attn, "downsample", Downsample(c_out) if i != last else None))
             c_in = c_out
         self.conv_blocks = nn.ModuleList(blocks)
-        mid = [ResnetBlock(c_in, c_in, groups, dropout)]
+        mid = [ResnetBlock(c_in, c_in, groups, dropout, norm)]
         if mid_attn:
-            mid.append(AttnBlock(c_in, groups))
-        mid.append(ResnetBlock(c_in, c_in, groups, dropout))
+            mid.append(AttnBlock(c_in, groups, norm))
+        mid.append(ResnetBlock(c_in, c_in, groups, dropout, norm))
         self.mid = nn.ModuleList(mid)
-        self.norm_out = group_norm(c_in, groups)
+        self.norm_out = group_norm(c_in, groups, norm)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,z,h,w)
@@ -160,25 +173,25 @@ class Decoder(nn.Module):
 
     def __init__(self, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, z_channels: int,
                  attn_at_lowest: bool, mid_attn: bool, groups: int = 32, dropout: float = 0.0,
-                 upsample: str = "nearest", out_channels: int = 3):
+                 upsample: str = "nearest", out_channels: int = 3, norm: str = "group"):
         super().__init__()
         c_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        mid = [ResnetBlock(c_in, c_in, groups, dropout)]
+        mid = [ResnetBlock(c_in, c_in, groups, dropout, norm)]
         if mid_attn:
-            mid.append(AttnBlock(c_in, groups))
-        mid.append(ResnetBlock(c_in, c_in, groups, dropout))
+            mid.append(AttnBlock(c_in, groups, norm))
+        mid.append(ResnetBlock(c_in, c_in, groups, dropout, norm))
         self.mid = nn.ModuleList(mid)
         up_cls = {"nearest": Upsample, "depth_to_space": DepthToSpaceUpsample}[upsample]
         blocks, last = [], len(ch_mult) - 1
         for i, mult in enumerate(reversed(ch_mult)):
             c_out = ch * mult
-            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, groups, dropout) for j in range(num_res_blocks)]
-            attn = [AttnBlock(c_out, groups) for _ in range(num_res_blocks)] if (attn_at_lowest and i == 0) else []
+            res = [ResnetBlock(c_in if j == 0 else c_out, c_out, groups, dropout, norm) for j in range(num_res_blocks)]
+            attn = [AttnBlock(c_out, groups, norm) for _ in range(num_res_blocks)] if (attn_at_lowest and i == 0) else []
             blocks.append(Level(res, attn, "upsample", up_cls(c_out) if i != last else None))
             c_in = c_out
         self.conv_blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(c_in, groups)
+        self.norm_out = group_norm(c_in, groups, norm)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B,z,h,w) -> (B,3,H,W)

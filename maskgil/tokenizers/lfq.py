@@ -31,6 +31,7 @@ class LFQConfig:
     enc_res_blocks: int = 4
     dec_res_blocks: int = 4
     norm_groups: int = 32
+    norm: str = "group"  # "group" | "none" (see layers.group_norm)
     dropout: float = 0.0
     # quantizer
     bits: int = 18  # codebook size 2^bits
@@ -132,9 +133,9 @@ class LFQTokenizer(ImageTokenizer):
         super().__init__()
         self.config = c = config
         self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.enc_res_blocks, c.bits, attn_at_lowest=False, mid_attn=False,
-                               groups=c.norm_groups, dropout=c.dropout)
+                               groups=c.norm_groups, dropout=c.dropout, norm=c.norm)
         self.decoder = Decoder(c.ch, tuple(c.ch_mult), c.dec_res_blocks, c.bits, attn_at_lowest=False, mid_attn=False,
-                               groups=c.norm_groups, dropout=c.dropout, upsample="depth_to_space")
+                               groups=c.norm_groups, dropout=c.dropout, upsample="depth_to_space", norm=c.norm)
         self.quantize = LFQuantizer(c.bits, c.beta, c.entropy_weight, c.entropy_temperature, c.entropy_chunk, c.usage_window)
         self.codebook_size = 2**c.bits
         self.downsample = 2 ** (len(c.ch_mult) - 1)

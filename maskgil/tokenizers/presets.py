@@ -5,7 +5,8 @@ Full presets (downsample 16, 256 px -> 16x16 tokens):
   vqgan-maskgit    taming-lineage VQGAN, 1,024 x 256 codebook (MaskGIT-VQ size), no attention
   vqgan-chameleon  taming-lineage VQGAN, 8,192 x 256 codebook (Chameleon-VQ size), attention at 16x16
   lfq-magvit2      Open-MAGVIT2-style LFQ, 18 bits -> 2^18 = 262,144 implicit codes
-Tiny presets (downsample 8, 64 px -> 8x8 tokens, ~1M params) train in minutes on 2 CPU cores.
+Tiny presets (downsample 8, 64 px -> 8x8 tokens, ~1M params) train in minutes on 2 CPU cores;
+`llamagen-vq-tiny` drops GroupNorm and attention so that its codes are local (the quickstart's).
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ _TINY_CONV = dict(ch=16, ch_mult=(1, 2, 4, 4), enc_res_blocks=1, dec_res_blocks=
 
 TOKENIZER_PRESETS: dict[str, tuple[type, Any]] = {
     "llamagen-vq": (VQTokenizer, VQConfig()),
-    "llamagen-vq-tiny": (VQTokenizer, VQConfig(**_TINY_CONV, codebook_size=512, codebook_dim=8, usage_window=8192)),
+    # Local codes for a generator that has minutes to learn them: no GroupNorm, no attention (see
+    # layers.group_norm). Recolouring the object then keeps 56% of the far background codes instead of 7%.
+    "llamagen-vq-tiny": (VQTokenizer, VQConfig(**_TINY_CONV, codebook_size=512, codebook_dim=8, usage_window=8192,
+                                               norm="none", attn_at_lowest=False, mid_attn=False)),
     "vqgan-maskgit": (VQTokenizer, VQConfig(codebook_size=1024, codebook_dim=256, l2_norm=False,
                                             attn_at_lowest=False, mid_attn=False)),
     "vqgan-maskgit-tiny": (VQTokenizer, VQConfig(**_TINY_CONV, codebook_size=256, codebook_dim=32, l2_norm=False,

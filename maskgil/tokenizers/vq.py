@@ -29,6 +29,7 @@ class VQConfig:
     attn_at_lowest: bool = True  # attention after every res block of the lowest-resolution level
     mid_attn: bool = True
     norm_groups: int = 32
+    norm: str = "group"  # "group" (VQGAN lineage) | "none" (local codes; see layers.group_norm)
     dropout: float = 0.0
     # quantizer
     codebook_size: int = 16384
@@ -131,9 +132,9 @@ class VQTokenizer(ImageTokenizer):
         self.config = config
         c = config
         self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.enc_res_blocks, c.z_channels, c.attn_at_lowest,
-                               c.mid_attn, c.norm_groups, c.dropout)
+                               c.mid_attn, c.norm_groups, c.dropout, norm=c.norm)
         self.decoder = Decoder(c.ch, tuple(c.ch_mult), c.dec_res_blocks, c.z_channels, c.attn_at_lowest,
-                               c.mid_attn, c.norm_groups, c.dropout)
+                               c.mid_attn, c.norm_groups, c.dropout, norm=c.norm)
         self.quantize = VectorQuantizer(c.codebook_size, c.codebook_dim, c.l2_norm, c.beta, c.usage_window)
         self.quant_conv = nn.Conv2d(c.z_channels, c.codebook_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.codebook_dim, c.z_channels, 1)
