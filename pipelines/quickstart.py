@@ -226,15 +226,15 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
     over = parse_overrides(args.set)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
     codebook = read_manifest(str(dirs["shards"]))["codebook_size"]
-    train = over.setdefault("train", {})
-    in_file = load_run_config(config)["train"].get("model_overrides", {})  # keep the file's model shape
-    train["model_overrides"] = {**in_file, **train.get("model_overrides", {}), "vocab_size": codebook}
+    set_models = over.get("train", {}).pop("model_overrides", {})
     run = over.setdefault("run", {})
     run.update(output=str(path), tokenizer=str(dirs["tokenizer"]), tracking_uri=uri, experiment="maskgil-quickstart",
                name=f"quickstart-{kind}", storage_path=str(path.parent / "ray_train"),
                tags={"mlflow.parentRunId": parent_id})
     over.setdefault("scaling", {}).setdefault("num_workers", args.num_workers)
     cfg = load_run_config(config, over)
+    # Key-wise, unlike the section merge: keep the run file's model shape, add --set's, then the codebook.
+    cfg["train"]["model_overrides"] = {**cfg["train"].get("model_overrides", {}), **set_models, "vocab_size": codebook}
     if kind in args.redo or "all" in args.redo:  # start over: forget the Ray Train run (and its MLflow run id)
         shutil.rmtree(Path(cfg["run"]["storage_path"]) / cfg["run"]["name"], ignore_errors=True)
     res = run_training(cfg, verbose=0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 NORMS = ("group", "none")
 
 
-def group_norm(channels: int, groups: int = 32, kind: str = "group") -> nn.Module:
+def norm_layer(channels: int, groups: int = 32, kind: str = "group") -> nn.Module:
     """GroupNorm(32, eps 1e-6) as in the VQGAN lineage; fewer groups when channels are few (tiny presets).
 
     kind="none" gives an identity instead. GroupNorm pools statistics over the whole image, so every
@@ -40,9 +40,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 32, dropout: float = 0.0, norm: str = "group"):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups, norm)
+        self.norm1 = norm_layer(in_channels, groups, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups, norm)
+        self.norm2 = norm_layer(out_channels, groups, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -60,7 +60,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int = 32, norm: str = "group"):
         super().__init__()
-        self.norm = group_norm(channels, groups, norm)
+        self.norm = norm_layer(channels, groups, norm)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -153,7 +153,7 @@ class Encoder(nn.Module):
             mid.append(AttnBlock(c_in, groups, norm))
         mid.append(ResnetBlock(c_in, c_in, groups, dropout, norm))
         self.mid = nn.ModuleList(mid)
-        self.norm_out = group_norm(c_in, groups, norm)
+        self.norm_out = norm_layer(c_in, groups, norm)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> (B,z,h,w)
@@ -191,7 +191,7 @@ class Decoder(nn.Module):
             blocks.append(Level(res, attn, "upsample", up_cls(c_out) if i != last else None))
             c_in = c_out
         self.conv_blocks = nn.ModuleList(blocks)
-        self.norm_out = group_norm(c_in, groups, norm)
+        self.norm_out = norm_layer(c_in, groups, norm)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B,z,h,w) -> (B,3,H,W)

@@ -31,7 +31,7 @@ class LFQConfig:
     enc_res_blocks: int = 4
     dec_res_blocks: int = 4
     norm_groups: int = 32
-    norm: str = "group"  # "group" | "none" (see layers.group_norm)
+    norm: str = "group"  # "group" | "none" (see layers.norm_layer)
     dropout: float = 0.0
     # quantizer
     bits: int = 18  # codebook size 2^bits

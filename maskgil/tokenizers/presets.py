@@ -22,7 +22,7 @@ _TINY_CONV = dict(ch=16, ch_mult=(1, 2, 4, 4), enc_res_blocks=1, dec_res_blocks=
 TOKENIZER_PRESETS: dict[str, tuple[type, Any]] = {
     "llamagen-vq": (VQTokenizer, VQConfig()),
     # Local codes for a generator that has minutes to learn them: no GroupNorm, no attention (see
-    # layers.group_norm). Recolouring the object then keeps 56% of the far background codes instead of 7%.
+    # layers.norm_layer). Recolouring the object then keeps 56% of the far background codes instead of 7%.
     "llamagen-vq-tiny": (VQTokenizer, VQConfig(**_TINY_CONV, codebook_size=512, codebook_dim=8, usage_window=8192,
                                                norm="none", attn_at_lowest=False, mid_attn=False)),
     "vqgan-maskgit": (VQTokenizer, VQConfig(codebook_size=1024, codebook_dim=256, l2_norm=False,

@@ -29,7 +29,7 @@ class VQConfig:
     attn_at_lowest: bool = True  # attention after every res block of the lowest-resolution level
     mid_attn: bool = True
     norm_groups: int = 32
-    norm: str = "group"  # "group" (VQGAN lineage) | "none" (local codes; see layers.group_norm)
+    norm: str = "group"  # "group" (VQGAN lineage) | "none" (local codes; see layers.norm_layer)
     dropout: float = 0.0
     # quantizer
     codebook_size: int = 16384
