@@ -63,6 +63,15 @@ def config_to_dict(config: Any) -> dict:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
+def check_known_fields(config_class: type, keys, what: str, error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming every key that is not a field of `config_class`: a typo in a run file or an
+    override must fail loudly, not silently fall back to a default."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    bad = sorted(set(keys) - known)
+    if bad:
+        raise error(f"unknown {what}(s) {bad}; known: {sorted(known)}")
+
+
 def config_from_dict(config_class: type, data: Mapping[str, Any]) -> Any:
     """Build a config dataclass, ignoring unknown keys (forward compatibility) and restoring tuples."""
     fields = {f.name: f for f in dataclasses.fields(config_class)}

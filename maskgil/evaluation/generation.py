@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maskgil.checkpoint import check_known_fields
+
 SAMPLERS = ("mar", "ar", "fusion")
 
 
@@ -55,10 +57,7 @@ class SamplerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown sampler setting(s) {bad}; known: {sorted(known)}")
+        check_known_fields(cls, d, "sampler setting")
         return cls(**d)
 
     def fusion_k(self, n_tokens: int) -> int:

@@ -5,10 +5,9 @@ Parameter counts with vocab 16,384 and 1,000 classes: maskgil-b 111M, -l 343M, -
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from maskgil.checkpoint import check_known_fields
 from maskgil.models.llama import LlamaGenerator
 from maskgil.models.transformer import BidirectionalTransformer
 
@@ -48,10 +47,7 @@ def preset_config(name: str, **overrides):
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     cls, kwargs = PRESETS[name]
     cfg_cls = cls.config_class
-    known = {f.name for f in dataclasses.fields(cfg_cls)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise TypeError(f"{cfg_cls.__name__} has no field(s) {bad}")
+    check_known_fields(cfg_cls, overrides, f"{cfg_cls.__name__} field", error=TypeError)
     return cfg_cls(**{**kwargs, **overrides})
 
 

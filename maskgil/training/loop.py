@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from maskgil.checkpoint import WEIGHTS_NAME, save_pretrained
+from maskgil.checkpoint import WEIGHTS_NAME, check_known_fields, save_pretrained
 from maskgil.training.distributed import (full_model_state, full_optimizer_state, load_full_state, no_grad_sync,
                                           unwrap)
 from maskgil.training.objectives import compute_loss
@@ -75,10 +75,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(data) - known)
-        if bad:
-            raise ValueError(f"unknown training config key(s) {bad}; known: {sorted(known)}")
+        check_known_fields(cls, data, "training config key")
         return cls(**data)
 
     def to_dict(self) -> dict:
