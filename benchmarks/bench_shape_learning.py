@@ -52,24 +52,33 @@ def make_token_grids(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return grids.reshape(n, -1), labels
 
 
+def _placements() -> tuple[np.ndarray, np.ndarray]:
+    """Every template at every on-grid offset, once: masks (P, 64) bool and their shape ids (P,)."""
+    masks, shapes = [], []
+    for s, m in enumerate(MASKS):
+        for oy in range(GRID - 4):
+            for ox in range(GRID - 4):
+                placed = np.zeros((GRID, GRID), bool)
+                placed[oy:oy + 5, ox:ox + 5] = m
+                masks.append(placed.ravel())
+                shapes.append(s)
+    return np.stack(masks), np.array(shapes)
+
+
+PLACED, PLACED_SHAPE = _placements()
+
+
 def read_class(tokens: np.ndarray) -> np.ndarray:
     """Shape * 4 + colour of each (B, 64) grid: the template (any offset) with the best IoU against
-    the cells holding a colour code, and the most frequent colour code."""
-    out = []
-    for grid in tokens.reshape(-1, GRID, GRID):
-        obj = (grid >= COLOUR_BASE) & (grid < COLOUR_BASE + 4)
-        colour = int(np.bincount(grid[obj] - COLOUR_BASE, minlength=4).argmax()) if obj.any() else 0
-        best_iou, best_shape = -1.0, 0
-        for s, m in enumerate(MASKS):
-            for oy in range(GRID - 4):
-                for ox in range(GRID - 4):
-                    placed = np.zeros_like(obj)
-                    placed[oy:oy + 5, ox:ox + 5] = m
-                    iou = (placed & obj).sum() / max(1, (placed | obj).sum())
-                    if iou > best_iou:
-                        best_iou, best_shape = iou, s
-        out.append(best_shape * 4 + colour)
-    return np.array(out)
+    the cells holding a colour code (first in template order on ties), and the most frequent colour."""
+    tokens = tokens.reshape(-1, GRID * GRID)
+    obj = (tokens >= COLOUR_BASE) & (tokens < COLOUR_BASE + 4)  # (B, 64)
+    inter = obj.astype(np.int64) @ PLACED.T.astype(np.int64)  # (B, P)
+    union = obj.sum(1, keepdims=True) + PLACED.sum(1) - inter
+    shape = PLACED_SHAPE[(inter / np.maximum(union, 1)).argmax(1)]
+    colour = np.array([np.bincount(t[o] - COLOUR_BASE, minlength=4).argmax() if o.any() else 0
+                       for t, o in zip(tokens, obj)])
+    return shape * 4 + colour
 
 
 def run(preset: str, overrides: dict, train_overrides: dict, steps: int, eval_at: list[int], per_class: int,
@@ -89,13 +98,16 @@ def run(preset: str, overrides: dict, train_overrides: dict, steps: int, eval_at
         train_s += time.perf_counter() - t0
         if step + 1 in eval_at:
             model.eval()
-            tokens, want = sample_class_tokens(model, list(range(16)), per_class, (GRID, GRID), cfg_scale=2.0, seed=1)
+            tokens, want = sample_class_tokens(model, list(range(16)), per_class, (GRID, GRID), cfg_scale=2.0,
+                                               seed=1)
             got, want = read_class(tokens.numpy()), want.numpy()
             curve.append({"step": step + 1, "train_s": round(train_s, 1), "loss": round(m["loss"], 3),
-                          "accuracy": float((got == want).mean()), "shape_accuracy": float((got // 4 == want // 4).mean()),
+                          "accuracy": float((got == want).mean()),
+                          "shape_accuracy": float((got // 4 == want // 4).mean()),
                           "colour_accuracy": float((got % 4 == want % 4).mean())})
             print(json.dumps({"preset": preset, **curve[-1]}), file=sys.stderr, flush=True)
-    return {"preset": preset, "overrides": overrides, "train_overrides": train_overrides, "params_M": round(model.num_params() / 1e6, 2), "curve": curve}
+    return {"preset": preset, "overrides": overrides, "train_overrides": train_overrides,
+            "params_M": round(model.num_params() / 1e6, 2), "curve": curve}
 
 
 def main():
@@ -115,7 +127,8 @@ def main():
     torch.set_num_threads(a.threads)
     data = make_token_grids(8192, a.seed)
     sanity = float((read_class(data[0][:256]) == data[1][:256]).mean())  # the reader on real grids
-    results = [run(preset, json.loads(a.overrides), json.loads(a.train_overrides), a.steps, [int(s) for s in a.eval_at.split(",")], a.per_class,
+    eval_at = [int(s) for s in a.eval_at.split(",")]
+    results = [run(preset, json.loads(a.overrides), json.loads(a.train_overrides), a.steps, eval_at, a.per_class,
                    data, a.seed) for preset in a.presets]
     out = {"benchmark": "shape_learning", "reader_accuracy_on_data": sanity, "threads": a.threads,
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "results": results}
