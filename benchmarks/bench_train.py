@@ -3,6 +3,7 @@ measured in the same process (fp32 on CPU; bf16 on GPU with --precision bf16).
 
     python benchmarks/bench_train.py                          # maskgil-b, batch 16, 16x16 tokens, CPU fp32
     python benchmarks/bench_train.py --device cuda --precision bf16 --batch 64
+    python benchmarks/bench_train.py --device cuda --precision bf16 --batch 256 --compile --peak-n 8192
 
 FLOPs per step are counted by torch.utils.flop_counter (matmuls and attention, forward + backward),
 and cross-checked against the closed form 6 * (matmul params) * tokens + 12 * layers * dim * L^2 * B.
@@ -46,6 +47,31 @@ def matmul_peak(device, dtype, n: int, repeats: int) -> float:
     return 2 * n**3 / best
 
 
+def profile_steps(step, device, n: int = 3) -> dict:
+    """Where a step's time goes: kernel time over wall time (the device-busy fraction; the rest is
+    launch overhead and host work) and the kernels that take longest. Prints the full table to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(i)
+        sync(device)
+    wall = time.perf_counter() - t
+    averages = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(averages.table(sort_by=key, row_limit=30), file=sys.stderr)
+    # Kernel rows (device type CUDA) hold each kernel's time once; op rows (CPU) hold what they launched.
+    busy = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6 if cuda else None
+    rows = sorted(((e.key, getattr(e, key)) for e in averages if e.device_type.name == "CPU"), key=lambda r: -r[1])
+    return {"steps": n, "wall_s_per_step": wall / n,
+            "device_busy_fraction": busy / wall if busy is not None else None,
+            "top": [{"op": k[:90], "ms_per_step": v / 1e3 / n} for k, v in rows[:12]]}
+
+
 def closed_form_flops(model, batch: int, grid) -> float:
     c = model.config
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
@@ -66,6 +92,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="profile 3 more steps: device-busy fraction and the top kernels (table on stderr)")
+    p.add_argument("--no-cudnn-attention", action="store_true", help="GPU: let SDPA pick flash/efficient kernels")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile'd steps (FLOPs are still counted on one eager step)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -73,6 +104,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
+        if args.no_cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)
     grid = tuple(args.grid)
     torch.manual_seed(0)
     model = build_model(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid_size=grid).to(device)
@@ -86,7 +119,9 @@ def main(argv=None):
     with FlopCounterMode(display=False) as counter:  # also the first warmup step
         train_step(model, opt, [batch], cfg, 0, grid, device=device)
     counted = counter.get_total_flops()
-    for i in range(1, args.warmup):
+    if args.compile:
+        model = torch.compile(model)
+    for i in range(1, args.warmup + (2 if args.compile else 0)):  # compiled: first calls compile
         train_step(model, opt, [batch], cfg, i, grid, device=device)
     sync(device)
     times = []
@@ -102,16 +137,20 @@ def main(argv=None):
     out = {
         "preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
         "grid": list(grid), "vocab": args.vocab, "device": str(device), "precision": args.precision,
-        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+        "compile": args.compile, "cudnn_attention": not args.no_cudnn_attention, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
         "step_seconds": times, "best_step_s": step_s,
         "tokens_per_s": args.batch * N / step_s,
         "flops_per_step_counted": counted, "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "achieved_flops": achieved, "matmul_peak_flops": peak, "peak_before_after": [peak_before, peak_after],
         "fraction_of_peak": achieved / peak,
         "goal": 0.45 if device.type == "cuda" else 0.50,
         "load_average": os.getloadavg(),
         "note": "timings are only as good as the machine's load; the peak is measured in the same run",
     }
+    if args.profile:
+        out["profile"] = profile_steps(lambda i: train_step(model, opt, [batch], cfg, 100 + i, grid, device=device),
+                                       device)
     print(json.dumps(out, indent=2))
 
 

@@ -131,7 +131,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    # One fused kernel per step instead of a few per parameter tensor, where the weights are plain CUDA
+    # tensors (FSDP2's sharded DTensors keep the default multi-tensor path).
+    from torch.distributed.tensor import DTensor
+
+    params = decay + no_decay
+    fused = bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
 # ---------------------------------------------------------------------------- checkpoints
