@@ -3,6 +3,10 @@
     python pipelines/make_dataset.py imagenet  --out data/embedded --n-train 4096 --n-val 512 --size 64
     python pipelines/make_dataset.py parquet   --out data/embedded_pq --n 4096 --size 256 --num-files 4
     python pipelines/make_dataset.py webdataset --out data/embedded_wds --n 4096 --size 256 --aspect-ratios 0.75 1 1.333
+    python pipelines/make_dataset.py imagenet  --out data/embedded_hard --rotate --textures all --max-clutter 3 --size-range 0.4 0.6
+
+The defaults are the quickstart's (unrotated objects at 55-70% of the side on plain grey shades);
+--rotate, --textures and --max-clutter make the harder variants.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskgil.data.embedded import write_imagenet_folder, write_parquet, write_webdataset  # noqa: E402
+from maskgil.data.embedded import TEXTURES, write_imagenet_folder, write_parquet, write_webdataset  # noqa: E402
 
 
 def parse_size(text: str) -> int | tuple[int, int]:
@@ -39,18 +43,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aspect-ratios", type=float, nargs="*", default=None,
                    help="parquet/webdataset: w/h ratios drawn per image (keeps the pixel area of --size)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    p.add_argument("--rotate", action="store_true", help="turn each shape by a random angle")
+    p.add_argument("--textures", nargs="+", default=["plain"], choices=list(TEXTURES) + ["all"],
+                   help="background textures to draw from")
+    p.add_argument("--max-clutter", type=int, default=0, help="up to this many grey marks under the object")
+    p.add_argument("--size-range", type=float, nargs=2, default=(0.55, 0.70), metavar=("LO", "HI"),
+                   help="object extent as a fraction of the short side")
     args = p.parse_args(argv)
+    textures = TEXTURES if "all" in args.textures else tuple(args.textures)
+    options = dict(rotate=args.rotate, textures=textures, max_clutter=args.max_clutter, size_range=tuple(args.size_range))
 
     t0 = time.time()
     if args.format == "imagenet":
-        write_imagenet_folder(args.out, args.n_train, args.n_val, args.size, args.seed, args.quality)
+        write_imagenet_folder(args.out, args.n_train, args.n_val, args.size, args.seed, args.quality, options)
         n = args.n_train + args.n_val
     elif args.format == "parquet":
         write_parquet(args.out, args.n, args.size, args.seed, args.split, args.num_files, args.image_column,
-                      args.aspect_ratios, args.quality)
+                      args.aspect_ratios, args.quality, options)
         n = args.n
     else:
-        write_webdataset(args.out, args.n, args.size, args.seed, args.split, args.shard_size, args.aspect_ratios, args.quality)
+        write_webdataset(args.out, args.n, args.size, args.seed, args.split, args.shard_size, args.aspect_ratios,
+                         args.quality, options)
         n = args.n
     dt = time.time() - t0
     print(f"wrote {n} images ({args.format}) to {args.out} in {dt:.1f}s ({n / max(dt, 1e-9):.0f} images/s)")

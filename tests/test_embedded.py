@@ -72,9 +72,13 @@ def _shape_from_pixels(mask: np.ndarray) -> str:
     return "square"
 
 
-def test_captions_match_pixels():
+HARD = dict(rotate=True, textures=("plain", "gradient", "noisy", "striped"), max_clutter=3, size_range=(0.40, 0.60))
+
+
+@pytest.mark.parametrize("variant", [{}, HARD], ids=["default", "rotated-textured-cluttered"])
+def test_captions_match_pixels(variant):
     """Caption colour and shape are recovered from the pixels by an independent measurement."""
-    spec = EmbeddedSpec(seed=1, width=128, height=128)
+    spec = EmbeddedSpec(seed=1, width=128, height=128, **variant)
     for i in range(48):
         img, label, cap = make_image(spec, i)
         colour, shape = CLASS_NAMES[label].split(" ")
@@ -90,23 +94,33 @@ def test_captions_match_pixels():
             if c != colour:
                 assert (d < 45).sum() < 0.05 * mask.sum(), (cap, c)
         assert _shape_from_pixels(mask) == shape, (i, cap)
-        # Object extent in the 40-60% band of the short side (hand geometry: area = k * s^2).
+        # Object extent in the spec's band of the short side (hand geometry: area = k * s^2).
         s = sample_attributes(spec, i).extent
-        assert 0.40 * 128 <= s <= 0.60 * 128
+        lo, hi = variant.get("size_range", (0.55, 0.70))
+        assert lo * 128 <= s <= hi * 128
         k = {"circle": math.pi / 4, "square": 0.81, "triangle": math.sqrt(3) / 4 * 1.15**2, "cross": 2 * 0.36 - 0.36**2}[shape]
         assert abs(mask.sum() - k * s * s) < 0.08 * k * s * s, (cap, mask.sum(), k * s * s)
 
 
 def test_captions_state_rotation_and_size():
-    spec = EmbeddedSpec(seed=2)
+    plain = EmbeddedSpec(seed=2)
+    assert all(sample_attributes(plain, i).rotation == 0 for i in range(64))  # default: unrotated
+    assert all(" plain " in make_image(plain, i)[2] and "mark" not in make_image(plain, i)[2] for i in range(16))
+    spec = EmbeddedSpec(seed=2, **HARD)
+    rotated = 0
     for i in range(64):
         a = sample_attributes(spec, i)
         cap = make_image(spec, i)[2]
         if a.shape != "circle" and a.rotation:
             assert f"rotated {a.rotation} degrees" in cap
+            rotated += 1
         else:
             assert "rotated" not in cap
         assert cap.split(" ")[1] in ("small", "medium", "large")
+    assert rotated > 32
+    # Turning rotation on changes nothing else about an image's attributes.
+    a, b = sample_attributes(EmbeddedSpec(seed=2, rotate=True), 5), sample_attributes(EmbeddedSpec(seed=2), 5)
+    assert (a.cx, a.cy, a.extent, a.background) == (b.cx, b.cy, b.extent, b.background)
 
 
 def test_aspect_ratios_keep_area():
@@ -120,6 +134,10 @@ def test_bad_spec_is_rejected():
         EmbeddedSpec(split="dev")
     with pytest.raises(ValueError, match="at least 8x8"):
         EmbeddedSpec(width=4)
+    with pytest.raises(ValueError, match="textures"):
+        EmbeddedSpec(textures=("plain", "marble"))
+    with pytest.raises(ValueError, match="max_clutter"):
+        EmbeddedSpec(max_clutter=-1)
 
 
 def _close(jpeg_bytes: bytes, img: Image.Image) -> bool:
@@ -127,6 +145,15 @@ def _close(jpeg_bytes: bytes, img: Image.Image) -> bool:
     # JPEG q95 at 32 px with 4:2:0 chroma costs up to ~5 grey levels on saturated edges; another
     # image of the same class differs by 19 or more (43 on average).
     return dec.shape == np.asarray(img).shape and np.abs(dec - np.asarray(img)).mean() < 7.0
+
+
+def test_writers_pass_spec_options(tmp_path):
+    hard = dict(rotate=True, textures=("striped",), max_clutter=3)
+    write_imagenet_folder(tmp_path, n_train=16, n_val=0, size=32, seed=5, options=hard)
+    f = sorted((tmp_path / "train").glob("*/*.JPEG"))[3]
+    index = int(f.stem.split("_")[1])
+    assert _close(f.read_bytes(), make_image(EmbeddedSpec(seed=5, width=32, height=32, **hard), index)[0])
+    assert not _close(f.read_bytes(), make_image(EmbeddedSpec(seed=5, width=32, height=32), index)[0])
 
 
 def test_imagenet_folder(tmp_path):

@@ -6,10 +6,15 @@ classifier can judge. 16 classes = 4 shapes x 4 colours, chosen to stay distinct
 8x8 token grid. Every image is a pure function of (seed, split, index), so any worker can make any
 image and two runs make the same bytes.
 
-Nuisance factors (kept mild so the class stays learnable): position, size (40-60% of the short
-side, i.e. 3-5 tokens of an 8x8 grid; at 2-3 tokens the shape lives in sub-token edge detail and a
-tiny generator learns colour but not shape in minutes), rotation, a low-contrast background texture
-and a few small grey clutter marks that are drawn *under* the object, so they never hide it.
+Nuisance factors by default: position, size (55-70% of the short side, i.e. 4-6 tokens of an 8x8
+grid, so a shape is told by which tokens it covers, not by sub-token edge detail) and one of four
+grey background shades. Harder variants are a spec away: `rotate=True` (each shape turned within its
+symmetry period), `textures=TEXTURES` (gradient, noise and stripes besides plain) and
+`max_clutter>0` (small grey marks drawn *under* the object, so they never hide it). The defaults
+are the ones a tiny MaskGIL learns shape from in the quickstart's minutes on 2 CPU cores. Measured
+in-process (same tokenizer, model and 1,200 steps; share of 8-step samples at CFG 2 of the right
+class): objects at 40-60% with rotation, textures and clutter 35-38%; at 55-70% 44%; without
+rotation 55%; and with plain backgrounds and no clutter as well (these defaults) 70%.
 
 Formats written to disk (the ones real data comes in, so the real code paths run):
 - ImageNet folder: `<root>/{train,val}/<class_dir>/<name>.JPEG`;
@@ -75,8 +80,10 @@ class EmbeddedSpec:
     split: str = "train"
     width: int = 64
     height: int = 64
-    size_range: tuple[float, float] = (0.40, 0.60)  # object extent / short image side
-    max_clutter: int = 3
+    size_range: tuple[float, float] = (0.55, 0.70)  # object extent / short image side
+    rotate: bool = False  # turn polygons by a random angle within their symmetry period
+    textures: tuple[str, ...] = ("plain",)  # background textures drawn from (any of TEXTURES)
+    max_clutter: int = 0  # small grey marks under the object, 0..max_clutter per image
     aspect_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -84,6 +91,10 @@ class EmbeddedSpec:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {self.split!r}")
         if self.width < 8 or self.height < 8:
             raise ValueError(f"image size must be at least 8x8, got {self.width}x{self.height}")
+        if not self.textures or any(t not in TEXTURES for t in self.textures):
+            raise ValueError(f"textures must be a non-empty subset of {TEXTURES}, got {self.textures!r}")
+        if self.max_clutter < 0:
+            raise ValueError(f"max_clutter must be >= 0, got {self.max_clutter}")
         lo, hi = self.size_range
         if not 0 < lo <= hi <= 0.7:
             raise ValueError(f"size_range must satisfy 0 < lo <= hi <= 0.7, got {self.size_range}")
@@ -109,7 +120,7 @@ class ImageAttributes:
     @property
     def size_word(self) -> str:
         frac = self.extent / min(self.width, self.height)
-        return "small" if frac < 0.47 else "medium" if frac < 0.53 else "large"
+        return "small" if frac < 0.60 else "medium" if frac < 0.65 else "large"
 
     def caption(self) -> str:
         rot = "" if self.shape == "circle" or self.rotation == 0 else f" rotated {self.rotation} degrees"
@@ -139,8 +150,9 @@ def sample_attributes(spec: EmbeddedSpec, index: int) -> ImageAttributes:
     cx = float(rng.uniform(r, max(r, w - r)))
     cy = float(rng.uniform(r, max(r, h - r)))
     period = _PERIOD[shape]
-    rotation = int(rng.integers(period)) if period else 0
-    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    rotation = int(rng.integers(period)) if period else 0  # drawn either way: other attributes stay put
+    rotation = rotation if spec.rotate else 0
+    texture = spec.textures[rng.integers(len(spec.textures))]
     background = tuple(BACKGROUND_COLOURS)[rng.integers(len(BACKGROUND_COLOURS))]
     n_clutter = int(rng.integers(spec.max_clutter + 1))
     return ImageAttributes(label, shape, colour, w, h, extent, cx, cy, rotation, texture, background, n_clutter)
@@ -298,12 +310,13 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def write_imagenet_folder(root: str | os.PathLike, n_train: int, n_val: int, size: int | Sequence[int] = 64,
-                          seed: int = 0, quality: int = 95) -> Path:
-    """`<root>/train/<class_dir>/train_<index>.JPEG` and the same for `val/`. Returns root."""
+                          seed: int = 0, quality: int = 95, options: dict | None = None) -> Path:
+    """`<root>/train/<class_dir>/train_<index>.JPEG` and the same for `val/`. Returns root.
+    `options`: more EmbeddedSpec fields (rotate, textures, max_clutter, size_range) for every writer."""
     root = Path(root)
     w, h = _size(size)
     for split, n in (("train", n_train), ("val", n_val)):
-        spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h)
+        spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h, **(options or {}))
         for label in range(NUM_CLASSES):
             (root / split / class_dir_name(label)).mkdir(parents=True, exist_ok=True)
         for i in range(n):
@@ -314,7 +327,7 @@ def write_imagenet_folder(root: str | os.PathLike, n_train: int, n_val: int, siz
 
 def write_parquet(path: str | os.PathLike, n: int, size: int | Sequence[int] = 64, seed: int = 0, split: str = "train",
                   num_files: int = 1, image_column: str = "struct", aspect_ratios: Sequence[float] | None = None,
-                  quality: int = 95) -> list[Path]:
+                  quality: int = 95, options: dict | None = None) -> list[Path]:
     """Hugging Face style Parquet: `<path>/<split>-0000i-of-0000n.parquet`.
 
     image_column="struct": `image` is {bytes: binary, path: string} (what `datasets` writes for
@@ -326,7 +339,8 @@ def write_parquet(path: str | os.PathLike, n: int, size: int | Sequence[int] = 6
     if image_column not in ("struct", "binary"):
         raise ValueError(f"image_column must be 'struct' or 'binary', got {image_column!r}")
     w, h = _size(size)
-    spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h, aspect_ratios=tuple(aspect_ratios) if aspect_ratios else None)
+    spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h, aspect_ratios=tuple(aspect_ratios) if aspect_ratios else None,
+                        **(options or {}))
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, n, num_files + 1).astype(int)
@@ -351,14 +365,16 @@ def write_parquet(path: str | os.PathLike, n: int, size: int | Sequence[int] = 6
 
 
 def write_webdataset(directory: str | os.PathLike, n: int, size: int | Sequence[int] = 64, seed: int = 0, split: str = "train",
-                     shard_size: int = 1000, aspect_ratios: Sequence[float] | None = None, quality: int = 95) -> list[Path]:
+                     shard_size: int = 1000, aspect_ratios: Sequence[float] | None = None, quality: int = 95,
+                     options: dict | None = None) -> list[Path]:
     """img2dataset-style tars `<dir>/00000.tar` holding `<key>.jpg`, `<key>.txt` (caption), `<key>.json`.
 
     Keys are `<shard:05d><index-in-shard:04d>` like img2dataset's; the json carries key, caption,
     label, width, height and status.
     """
     w, h = _size(size)
-    spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h, aspect_ratios=tuple(aspect_ratios) if aspect_ratios else None)
+    spec = EmbeddedSpec(seed=seed, split=split, width=w, height=h, aspect_ratios=tuple(aspect_ratios) if aspect_ratios else None,
+                        **(options or {}))
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if shard_size < 1:
