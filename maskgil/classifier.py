@@ -73,7 +73,8 @@ def classify(model: EmbeddedClassifier, images, batch_size: int = 256) -> np.nda
 
 
 def class_accuracy(model: EmbeddedClassifier, images, labels) -> dict:
-    """{'accuracy', 'colour_accuracy', 'shape_accuracy'} of the classifier's calls against `labels`."""
+    """{'accuracy', 'colour_accuracy', 'shape_accuracy'} of the classifier's calls against `labels`, and
+    'shape_accuracy_by_shape' ({shape name: shape accuracy over the images of that true shape})."""
     labels = np.asarray(labels)
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -86,6 +87,8 @@ def class_accuracy(model: EmbeddedClassifier, images, labels) -> dict:
         "accuracy": float((pred == labels).mean()),
         "colour_accuracy": float((pc == tc).mean()),
         "shape_accuracy": float((ps == ts).mean()),
+        "shape_accuracy_by_shape": {name: float((ps[ts == i] == i).mean()) for i, name in enumerate(SHAPES)
+                                    if (ts == i).any()},
     }
 
 

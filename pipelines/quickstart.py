@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=4096, help="embedded training images")
     p.add_argument("--tokenizer-preset", default="llamagen-vq-tiny",
                    help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
-    p.add_argument("--tokenizer-steps", type=int, default=1500)
+    p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
     p.add_argument("--classifier-steps", type=int, default=600)
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))
@@ -136,6 +136,8 @@ def main(argv=None) -> int:
         for k in ("mar_accuracy", "mar_colour_accuracy", "mar_shape_accuracy", "ar_accuracy", "fusion_accuracy"):
             if k in res:
                 mlflow.log_metric(k, res[k])
+        for shape, acc in res.get("mar_shape_accuracy_by_shape", {}).items():
+            mlflow.log_metric(f"mar_shape_accuracy.{shape}", acc)
         for png in sorted(dirs["samples"].glob("*.png")):
             mlflow.log_artifact(str(png), "samples")
     print_summary(summary, times, total, dirs, uri)
@@ -276,6 +278,7 @@ def stage_samples(path: Path, args, dirs) -> dict:
         out[f"{name}_accuracy"] = scores["accuracy"]
         out[f"{name}_colour_accuracy"] = scores["colour_accuracy"]
         out[f"{name}_shape_accuracy"] = scores["shape_accuracy"]
+        out[f"{name}_shape_accuracy_by_shape"] = scores["shape_accuracy_by_shape"]
         out[f"{name}_n"] = len(labels)
         out[f"{name}_sample_seconds"] = round(timings[name], 1)
         # PNG: the first (up to) 4 samples of each class, 8 per row
@@ -300,6 +303,9 @@ def print_summary(summary: dict, times: dict, total: float, dirs: dict, uri: str
     if r:
         print(f"\nMAR class accuracy at CFG 2: {r['mar_accuracy']:.1%} (colour {r['mar_colour_accuracy']:.1%}, "
               f"shape {r['mar_shape_accuracy']:.1%}; {r['mar_n']} samples, target >= 80%)")
+        by_shape = r.get("mar_shape_accuracy_by_shape", {})
+        if by_shape:
+            print("MAR shape accuracy by true shape: " + ", ".join(f"{k} {v:.0%}" for k, v in by_shape.items()))
         print(f"AR {r['ar_accuracy']:.1%}, fusion {r['fusion_accuracy']:.1%} ({r['ar_n']} samples each)")
         print(f"judge on real val images {r['real_val_accuracy']:.1%}, on their tokenizer reconstructions "
               f"{r['recon_accuracy']:.1%} (the ceiling for generated samples)")

@@ -64,6 +64,17 @@ def test_checkpoint_roundtrip_and_input_forms(trained, val_set):
     assert extra["val_accuracy"] == pytest.approx(val_acc)
 
 
+def test_shape_accuracy_by_shape_counts_by_hand(monkeypatch):
+    import maskgil.classifier as C
+
+    labels = np.array([0, 1, 4, 5, 8, 12, 13])  # true shapes: circle x2, square x2, triangle, cross x2
+    calls = np.array([0, 5, 4, 0, 8, 13, 1])  # shapes called: circle, square | square, circle | triangle | cross, circle
+    monkeypatch.setattr(C, "classify", lambda model, images: calls)
+    r = class_accuracy(EmbeddedClassifier(EmbeddedClassifier.config_class()), np.zeros((7, 8, 8, 3), np.uint8), labels)
+    assert r["shape_accuracy_by_shape"] == {"circle": 0.5, "square": 0.5, "triangle": 1.0, "cross": 0.5}
+    assert r["shape_accuracy"] == pytest.approx(4 / 7)
+
+
 def test_bad_labels_are_refused(val_set):
     model = EmbeddedClassifier(EmbeddedClassifier.config_class())
     images, labels = val_set
