@@ -137,7 +137,8 @@ def main(argv=None):
     out = {
         "preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
         "grid": list(grid), "vocab": args.vocab, "device": str(device), "precision": args.precision,
-        "compile": args.compile, "cudnn_attention": not args.no_cudnn_attention, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+        "compile": args.compile, "cudnn_attention": not args.no_cudnn_attention, "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
         "step_seconds": times, "best_step_s": step_s,
         "tokens_per_s": args.batch * N / step_s,
         "flops_per_step_counted": counted, "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid),

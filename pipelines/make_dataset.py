@@ -43,15 +43,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aspect-ratios", type=float, nargs="*", default=None,
                    help="parquet/webdataset: w/h ratios drawn per image (keeps the pixel area of --size)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--rotate", action="store_true", help="turn each shape by a random angle")
-    p.add_argument("--textures", nargs="+", default=["plain"], choices=list(TEXTURES) + ["all"],
-                   help="background textures to draw from")
-    p.add_argument("--max-clutter", type=int, default=0, help="up to this many grey marks under the object")
-    p.add_argument("--size-range", type=float, nargs=2, default=(0.55, 0.70), metavar=("LO", "HI"),
+    # Unset flags leave EmbeddedSpec's defaults (the quickstart's) in charge: they live in one place.
+    p.add_argument("--rotate", action="store_true", default=None, help="turn each shape by a random angle")
+    p.add_argument("--textures", nargs="+", choices=list(TEXTURES) + ["all"], help="background textures to draw from")
+    p.add_argument("--max-clutter", type=int, help="up to this many grey marks under the object")
+    p.add_argument("--size-range", type=float, nargs=2, metavar=("LO", "HI"),
                    help="object extent as a fraction of the short side")
     args = p.parse_args(argv)
-    textures = TEXTURES if "all" in args.textures else tuple(args.textures)
-    options = dict(rotate=args.rotate, textures=textures, max_clutter=args.max_clutter, size_range=tuple(args.size_range))
+    if args.textures:
+        args.textures = TEXTURES if "all" in args.textures else tuple(args.textures)
+    if args.size_range:
+        args.size_range = tuple(args.size_range)
+    options = {k: getattr(args, k) for k in ("rotate", "textures", "max_clutter", "size_range")
+               if getattr(args, k) is not None}
 
     t0 = time.time()
     if args.format == "imagenet":
