@@ -6,7 +6,10 @@ measured in the same process (fp32 on CPU; bf16 on GPU with --precision bf16).
     python benchmarks/bench_train.py --device cuda --precision bf16 --batch 256 --compile --peak-n 8192
 
 FLOPs per step are counted by torch.utils.flop_counter (matmuls and attention, forward + backward),
-and cross-checked against the closed form 6 * (matmul params) * tokens + 12 * layers * dim * L^2 * B.
+and cross-checked against the closed form 6 * (body matmul params) * tokens + 6 * (head params) *
+(hidden tokens: the masked objective's head sees only those) + 12 * layers * dim * L^2 * B. Every
+timed step replays step 0's masks, so the FLOPs counted on it hold for each. `--compile` is the
+training path's `train.compile: true` (each block and the loss through torch.compile).
 Goal: >= 50% of the measured fp32 peak on CPU, >= 45% MFU on a GPU. Prints one JSON object.
 """
 from __future__ import annotations
@@ -24,7 +27,9 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from maskgil.models import build_model  # noqa: E402
-from maskgil.training import TrainConfig, build_optimizer, train_step  # noqa: E402
+from maskgil.training import TrainConfig, build_optimizer, compile_blocks, train_step  # noqa: E402
+from maskgil.training.loop import step_seed  # noqa: E402
+from maskgil.training.objectives import random_token_mask  # noqa: E402
 
 
 def sync(device):
@@ -72,11 +77,19 @@ def profile_steps(step, device, n: int = 3) -> dict:
             "top": [{"op": k[:90], "ms_per_step": v / 1e3 / n} for k, v in rows[:12]]}
 
 
-def closed_form_flops(model, batch: int, grid) -> float:
+def scored_tokens(cfg: TrainConfig, batch: int, n_tokens: int, step: int = 0) -> int:
+    """Tokens the masked objective scores at `step` (the first draw of that step's generator)."""
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0, 0))
+    return int(random_token_mask(batch, n_tokens, cfg.mask_schedule, gen).sum())
+
+
+def closed_form_flops(model, batch: int, grid, scored: int) -> float:
     c = model.config
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n)
+    mats = {n: p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n}
+    head = mats.pop("output.weight")
     L = c.prefix_len + grid[0] * grid[1]  # sequence length (prefix + image tokens)
-    return 6 * matmul_params * batch * L + 12 * c.n_layers * c.dim * L * L * batch
+    head_rows = batch * grid[0] * grid[1] if c.causal else scored
+    return 6 * sum(mats.values()) * batch * L + 6 * head * head_rows + 12 * c.n_layers * c.dim * L * L * batch
 
 
 def main(argv=None):
@@ -109,25 +122,31 @@ def main(argv=None):
     grid = tuple(args.grid)
     torch.manual_seed(0)
     model = build_model(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid_size=grid).to(device)
-    cfg = TrainConfig(preset=args.preset, global_batch=args.batch, precision=args.precision, strategy="none")
+    cfg = TrainConfig(preset=args.preset, global_batch=args.batch, precision=args.precision, strategy="none",
+                      compile=args.compile)
     opt = build_optimizer(model, cfg)
     N = grid[0] * grid[1]
     batch = {"tokens": torch.randint(0, args.vocab, (args.batch, N), device=device),
              "label": torch.randint(0, args.classes, (args.batch,), device=device)}
 
     peak_before = matmul_peak(device, dtype, args.peak_n, repeats=5)
-    with FlopCounterMode(display=False) as counter:  # also the first warmup step
-        train_step(model, opt, [batch], cfg, 0, grid, device=device)
+    step = lambda: train_step(model, opt, [batch], cfg, 0, grid, device=device)  # noqa: E731 (step 0's masks)
+    with FlopCounterMode(display=False) as counter:  # eager; also the first warmup step
+        cfg.compile = False
+        step()
+        cfg.compile = args.compile
     counted = counter.get_total_flops()
     if args.compile:
-        model = torch.compile(model)
-    for i in range(1, args.warmup + (2 if args.compile else 0)):  # compiled: first calls compile
-        train_step(model, opt, [batch], cfg, i, grid, device=device)
+        compile_blocks(model)
+    t = time.perf_counter()
+    for _ in range(1, args.warmup + (2 if args.compile else 0)):  # compiled: the first calls compile
+        step()
     sync(device)
+    warmup_s = time.perf_counter() - t
     times = []
-    for i in range(args.steps):
+    for _ in range(args.steps):
         t = time.perf_counter()
-        train_step(model, opt, [batch], cfg, args.warmup + i, grid, device=device)
+        step()
         sync(device)
         times.append(time.perf_counter() - t)
     peak_after = matmul_peak(device, dtype, args.peak_n, repeats=5)
@@ -141,7 +160,9 @@ def main(argv=None):
         "cpu": platform.processor() or platform.machine(),
         "step_seconds": times, "best_step_s": step_s,
         "tokens_per_s": args.batch * N / step_s,
-        "flops_per_step_counted": counted, "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid),
+        "warmup_s": warmup_s, "scored_tokens": scored_tokens(cfg, args.batch, N),
+        "flops_per_step_counted": counted,
+        "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid, scored_tokens(cfg, args.batch, N)),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "achieved_flops": achieved, "matmul_peak_flops": peak, "peak_before_after": [peak_before, peak_after],
         "fraction_of_peak": achieved / peak,
@@ -150,8 +171,7 @@ def main(argv=None):
         "note": "timings are only as good as the machine's load; the peak is measured in the same run",
     }
     if args.profile:
-        out["profile"] = profile_steps(lambda i: train_step(model, opt, [batch], cfg, 100 + i, grid, device=device),
-                                       device)
+        out["profile"] = profile_steps(lambda i: step(), device)
     print(json.dumps(out, indent=2))
 
 

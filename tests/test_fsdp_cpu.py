@@ -1,6 +1,8 @@
 """FSDP2 (`fully_shard`) on 2 CPU ranks over gloo: the sharded step is the same computation as DDP's,
-and its checkpoint restores into one unsharded process (a different worker count)."""
+also with compiled blocks (`train.compile`), and its checkpoint restores into one unsharded process
+(a different worker count)."""
 import os
+import shutil
 import socket
 
 import pytest
@@ -9,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from maskgil.models import build_model
-from maskgil.training import TrainConfig, build_optimizer, train_step
+from maskgil.training import TrainConfig, build_optimizer, compile_blocks, train_step
 from maskgil.training.distributed import full_optimizer_state, resolve_strategy, wrap_model
 from maskgil.training.loop import load_checkpoint, save_checkpoint
 
@@ -21,13 +23,16 @@ def _model():
     return build_model("maskgil-tiny", vocab_size=512, num_classes=16, grid_size=(8, 8), dim=64, multiple_of=32)
 
 
-def _worker(rank: int, strategy: str, port: int, out: str):
+def _worker(rank: int, strategy: str, compiled: bool, port: int, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model = wrap_model(_model(), strategy, torch.device("cpu"))
-        cfg = TrainConfig(preset="maskgil-tiny", global_batch=16, strategy=strategy, lr=3e-3)
+        model = _model()
+        if compiled:  # the order ray_trainer uses: compile the blocks, then shard them
+            compile_blocks(model)
+        model = wrap_model(model, strategy, torch.device("cpu"))
+        cfg = TrainConfig(preset="maskgil-tiny", global_batch=16, strategy=strategy, lr=3e-3, compile=compiled)
         opt = build_optimizer(model, cfg)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own half of the batch
         micro = [{"tokens": torch.randint(0, 512, (4, 64), generator=g), "label": torch.randint(0, 16, (4,), generator=g)}
@@ -59,9 +64,11 @@ def test_explicit_fsdp_is_allowed_on_cpu_and_auto_stays_ddp():
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_cpu_ranks_matches_ddp_and_restores_on_one(tmp_path):
-    for strategy in ("ddp", "fsdp"):
-        mp.spawn(_worker, args=(strategy, _free_port(), str(tmp_path / strategy)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile (inductor) needs a C++ compiler"))])
+def test_fsdp2_on_two_cpu_ranks_matches_ddp_and_restores_on_one(tmp_path, compiled):
+    for strategy in ("ddp", "fsdp"):  # compiled: both compiled (Adam turns kernel rounding on near-zero grads into +-lr)
+        mp.spawn(_worker, args=(strategy, compiled, _free_port(), str(tmp_path / strategy)), nprocs=WORLD, join=True)
     ddp, ddp_opt = _restore(tmp_path / "ddp")
     fsdp, fsdp_opt = _restore(tmp_path / "fsdp")
     start = _model().state_dict()

@@ -17,9 +17,11 @@ class FixedLogits(torch.nn.Module):
         self.logits = logits
         self.seen = None
 
-    def forward(self, tokens, cond, grid, drop_cond=None):
+    def forward(self, tokens, cond, grid, drop_cond=None, positions=None):
         self.seen = (tokens.clone(), cond.clone(), drop_cond.clone())
-        return self.logits
+        if positions is None:
+            return self.logits
+        return self.logits.reshape(-1, self.logits.shape[-1])[positions]  # the model contract: rows at positions
 
 
 def hand_smoothed_ce(logits_row, target, eps):
@@ -125,3 +127,26 @@ def test_masked_training_sees_both_sides_and_never_the_hidden_values():
     assert mask[0, 30]
     d = (masked_token_loss(model, hid, torch.tensor([1]), (8, 8), mask=mask, **args).per_token[0] - base).abs()
     assert d[30] > 0 and (torch.cat([d[:30], d[31:]]) == 0).all()
+
+
+@pytest.mark.parametrize("name", ["maskgil-tiny", "transformer-tiny"])
+def test_head_at_positions_matches_full_logits_and_the_loss_over_them(name):
+    """The masked loss sends only hidden positions to the head; the result must equal the rows of a
+    full forward and a plain cross-entropy over them (computed here from the full logits)."""
+    torch.manual_seed(0)
+    model = build_model(name, vocab_size=32, num_classes=10, grid_size=(4, 4)).eval()
+    tokens = torch.randint(0, 32, (3, 16))
+    labels = torch.tensor([1, 4, 7])
+    mask = torch.rand(3, 16) < 0.6
+    mask[:, 0] = True
+    inputs = tokens.masked_fill(mask, 32)
+    with torch.no_grad():
+        full = model(inputs, labels, (4, 4))  # (3, 16, 32)
+        pos = torch.tensor([17, 0, 47, 5])  # any order, flat over batch x positions
+        torch.testing.assert_close(model(inputs, labels, (4, 4), positions=pos), full.reshape(48, 32)[pos])
+        out = masked_token_loss(model, tokens, labels, (4, 4), mask=mask, mask_id=32, class_dropout=0.0,
+                                label_smoothing=0.1)
+    expected = torch.nn.functional.cross_entropy(full[mask], tokens[mask], label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
+    assert out.n_scored == int(mask.sum())
+    assert (out.per_token[~mask] == 0).all() and (out.per_token[mask] > 0).all()

@@ -365,10 +365,13 @@ class LlamaGenerator(nn.Module):
 
     # ------------------------------------------------------------------ training / full forward
     def forward(self, tokens, cond, grid: tuple[int, int] | None = None, drop_cond=None, text_mask=None,
-                return_hidden: bool = False):
+                return_hidden: bool = False, positions: torch.Tensor | None = None):
         """tokens (B, h*w) long (mask id at unknown positions for masked models), cond (B,) or (B, L, Dt).
 
-        Returns logits (B, h*w, vocab) aligned with image positions (see module docstring)."""
+        Returns logits (B, h*w, vocab) aligned with image positions (see module docstring). With
+        `positions` (M,) long, flat indices into the B*h*w image positions, only those rows reach
+        the vocabulary head and the logits are (M, vocab): the masked objective scores ~2/3 of the
+        tokens, so the head and the loss skip the rest."""
         grid = tuple(grid or self.config.grid_size)
         self._check_tokens(tokens, grid)
         B, N = tokens.shape
@@ -384,7 +387,9 @@ class LlamaGenerator(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, attn_mask=mask, is_causal=self.config.causal)
         h = self.norm(x)[:, P - 1:P - 1 + N] if self.config.causal else self.norm(x)[:, P:]  # (B, N, D)
-        logits = self.head(h).float()  # (B, N, V) (V = sum of sub-token heads when factorised)
+        if positions is not None:
+            h = h.reshape(B * N, -1).index_select(0, positions)  # (M, D)
+        logits = self.head(h).float()  # (B, N, V) or (M, V) (V = sum of sub-token heads when factorised)
         return (logits, h) if return_hidden else logits
 
     def _attn_mask(self, B, L, text_mask, device):

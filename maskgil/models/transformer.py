@@ -120,8 +120,9 @@ class BidirectionalTransformer(nn.Module):
     def join_tokens(self, sub_tokens):
         return sub_tokens[..., 0]
 
-    def forward(self, tokens, cond, grid=None, drop_cond=None, text_mask=None, return_hidden=False):
-        """tokens (B, h*w) with mask id at unknown positions, cond (B,) -> logits (B, h*w, vocab)."""
+    def forward(self, tokens, cond, grid=None, drop_cond=None, text_mask=None, return_hidden=False, positions=None):
+        """tokens (B, h*w) with mask id at unknown positions, cond (B,) -> logits (B, h*w, vocab), or
+        (M, vocab) at `positions` (M,), flat indices into the B*h*w positions (as LlamaGenerator)."""
         h, w = grid = tuple(grid or self.config.grid_size)
         H, W = self.config.grid_size
         if h > H or w > W:
@@ -138,5 +139,7 @@ class BidirectionalTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x)
         hid = self.head_norm(F.gelu(self.head(x[:, 1:])))  # (B, N, D)
+        if positions is not None:
+            hid = hid.reshape(-1, hid.shape[-1]).index_select(0, positions)  # (M, D)
         logits = hid @ self.tok_embeddings.weight[: self.config.vocab_size].T + self.output_bias  # (B, N, V)
         return (logits.float(), hid) if return_hidden else logits.float()

@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on GPU; FSDP2 mixed precision)
     strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"
+    compile: bool = False  # torch.compile each block and the loss (GPU: ~3x faster bf16 steps for maskgil-b)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -138,6 +139,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     params = decay + no_decay
     fused = bool(params) and all(p.is_cuda and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """torch.compile every block in place, before DDP/FSDP wrapping (the order FSDP2 supports): the
+    norms, QK-Norm, RoPE and SwiGLU fuse around the matmuls. Identical blocks share one compiled
+    graph; parameter names, hence checkpoints, do not change."""
+    for block in model.layers:
+        block.compile()
+    return model
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -248,7 +258,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, i))
         with no_grad_sync(model, enabled=i < n_accum - 1), autocast:
             out = compute_loss(model, base.config, tokens, labels, grid, schedule=cfg.mask_schedule,
-                               label_smoothing=cfg.label_smoothing, generator=gen)
+                               label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile)
             (out.loss / n_accum).backward()
         loss_sum += out.loss.detach().double()
     loss = loss_sum / n_accum

@@ -7,6 +7,7 @@ function of (weights, batch, generator seed): a resumed run replays exactly what
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from maskgil.sampling.schedules import training_mask_counts
 class LossOutput:
     loss: torch.Tensor  # scalar, mean over the scored tokens
     n_scored: int  # tokens that contributed (masked ones, or all for next-token)
-    per_token: torch.Tensor  # (B, N) loss per position, 0 where not scored
+    per_token: torch.Tensor  # (B, N) loss per position (detached), 0 where not scored
     scored: torch.Tensor  # (B, N) bool, the positions the loss is taken on
     inputs: torch.Tensor  # (B, N) the tokens the model actually saw
 
@@ -46,23 +47,37 @@ def _smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
                            reduction="none").view(targets.shape)
 
 
+@functools.cache
+def _compiled_ce():
+    return torch.compile(_smoothed_ce, dynamic=True)
+
+
+def compiled_smoothed_ce(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """`_smoothed_ce` through torch.compile: log-softmax, the target pick and the smoothing term fuse
+    into one pass over the (M, V) logits instead of several fp32 copies. Shapes are dynamic from the
+    start because the number of hidden tokens changes every step."""
+    return _compiled_ce()(logits, targets, label_smoothing)
+
+
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, label_smoothing: float,
-                        factorization: tuple[int, ...] = ()) -> torch.Tensor:
-    """Per-token CE (B, N). With factorised tokens (LFQ) the logits hold one head per sub-token and
-    the loss is the sum of the sub-token cross-entropies (the code's log-likelihood factorises)."""
+                        factorization: tuple[int, ...] = (), compiled: bool = False) -> torch.Tensor:
+    """Per-token CE (...,) for logits (..., V). With factorised tokens (LFQ) the logits hold one head
+    per sub-token and the loss is the sum of the sub-token cross-entropies (the code's log-likelihood
+    factorises). `compiled` runs each cross-entropy through `compiled_smoothed_ce`."""
+    ce = compiled_smoothed_ce if compiled else _smoothed_ce
     if not factorization:
-        return _smoothed_ce(logits, tokens, label_smoothing)
+        return ce(logits, tokens, label_smoothing)
     from maskgil.tokenizers.lfq import factorize_codes
 
-    subs = factorize_codes(tokens, factorization)  # (B, N, S)
+    subs = factorize_codes(tokens, factorization)  # (..., S)
     parts = logits.split([2 ** b for b in factorization], dim=-1)
-    return sum(_smoothed_ce(part, subs[..., j], label_smoothing) for j, part in enumerate(parts))
+    return sum(ce(part, subs[..., j], label_smoothing) for j, part in enumerate(parts))
 
 
 def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *, mask_id: int,
                       class_dropout: float = 0.1, schedule: str = "cosine", label_smoothing: float = 0.1,
                       generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
-                      factorization: tuple[int, ...] = ()) -> LossOutput:
+                      factorization: tuple[int, ...] = (), compiled: bool = False) -> LossOutput:
     """MaskGIL / MaskGIT objective: hide ceil(gamma(r) N) tokens, predict them, CE on hidden tokens only.
 
     `model` may be DDP/FSDP-wrapped, hence `mask_id` is passed explicitly. `mask` (B, N) bool
@@ -70,35 +85,40 @@ def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: t
     B, N = tokens.shape
     device = tokens.device
     if mask is None:
-        mask = random_token_mask(B, N, schedule, generator).to(device)
+        mask = random_token_mask(B, N, schedule, generator)  # drawn on the CPU: indices need no device sync
+    positions = mask.reshape(-1).nonzero().squeeze(1).to(device)  # (M,) flat indices of the hidden tokens
+    mask = mask.to(device)
     drop = condition_dropout(B, class_dropout, generator).to(device)
     inputs = tokens.masked_fill(mask, mask_id)  # (B, N): unknown positions hold the mask id
-    logits = model(inputs, labels, grid, drop_cond=drop)  # (B, N, V)
-    per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization) * mask  # (B, N)
-    n = int(mask.sum())
-    return LossOutput(per_token.sum() / max(n, 1), n, per_token, mask, inputs)
+    logits = model(inputs, labels, grid, drop_cond=drop, positions=positions)  # (M, V): hidden tokens only
+    ce = token_cross_entropy(logits, tokens.reshape(-1)[positions], label_smoothing, factorization, compiled)  # (M,)
+    n = positions.numel()
+    per_token = torch.zeros(B * N, dtype=ce.dtype, device=device).index_copy_(0, positions, ce.detach())
+    return LossOutput(ce.sum() / max(n, 1), n, per_token.view(B, N), mask, inputs)
 
 
 def next_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *,
                     class_dropout: float = 0.1, label_smoothing: float = 0.0,
-                    generator: torch.Generator | None = None, factorization: tuple[int, ...] = ()) -> LossOutput:
+                    generator: torch.Generator | None = None, factorization: tuple[int, ...] = (),
+                    compiled: bool = False) -> LossOutput:
     """LlamaGen AR objective: logits[:, i] predicts token i from the condition and tokens < i."""
     B, N = tokens.shape
     drop = condition_dropout(B, class_dropout, generator).to(tokens.device)
     logits = model(tokens, labels, grid, drop_cond=drop)  # (B, N, V), shifted inside the model
-    per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization)  # (B, N)
+    per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization, compiled)  # (B, N)
     scored = torch.ones_like(tokens, dtype=torch.bool)
     return LossOutput(per_token.mean(), B * N, per_token, scored, tokens)
 
 
 def compute_loss(model, config, tokens, labels, grid, *, schedule: str = "cosine", label_smoothing: float | None = None,
-                 generator=None) -> LossOutput:
+                 generator=None, compiled: bool = False) -> LossOutput:
     """Pick the objective from the (unwrapped) model config: causal -> next token, else masked tokens."""
+    fact = tuple(getattr(config, "factorization", ()))
     if getattr(config, "causal", False):
         ls = 0.0 if label_smoothing is None else label_smoothing
         return next_token_loss(model, tokens, labels, grid, class_dropout=config.class_dropout, label_smoothing=ls,
-                               generator=generator, factorization=tuple(getattr(config, "factorization", ())))
+                               generator=generator, factorization=fact, compiled=compiled)
     ls = 0.1 if label_smoothing is None else label_smoothing
     return masked_token_loss(model, tokens, labels, grid, mask_id=config.mask_token_id,
                              class_dropout=config.class_dropout, schedule=schedule, label_smoothing=ls,
-                             generator=generator, factorization=tuple(getattr(config, "factorization", ())))
+                             generator=generator, factorization=fact, compiled=compiled)

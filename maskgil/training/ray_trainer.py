@@ -22,8 +22,8 @@ from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from maskgil.data.shards import token_dataset
 from maskgil.models import build_model
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
-from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, fit,
-                                   load_checkpoint, save_checkpoint)
+from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
+                                   fit, load_checkpoint, save_checkpoint)
 from maskgil.training.runconfig import shard_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,10 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = resolve_strategy(cfg.strategy, cfg.preset, world, config["use_gpu"])
     cfg.strategy = strategy  # train_step picks autocast (DDP) vs FSDP2 mixed precision from it
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = wrap_model(build_model(cfg.preset, **cfg.model_overrides), strategy, device, cfg.precision)
+    model = build_model(cfg.preset, **cfg.model_overrides)
+    if cfg.compile:
+        compile_blocks(model)
+    model = wrap_model(model, strategy, device, cfg.precision)
     optimizer = build_optimizer(model, cfg)
     _, micro, accum = batch_plan(cfg.global_batch, world, cfg.micro_batch)
 
