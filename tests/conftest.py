@@ -7,6 +7,11 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seed 0 and one intra-op thread for every test, whatever the previous test set (on a loaded
+    2-core machine two threads spin-wait: ~50x slower small forwards)."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)

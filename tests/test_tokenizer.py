@@ -50,14 +50,6 @@ def shapes_image(batch=2, h=64, w=64, seed=0):
     return imgs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine two threads spin-wait (~50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- LlamaGen-VQ strict loading ------------------------------------------------------------------
 def test_reference_fixture_has_344_keys_and_71_883_403_params():

@@ -9,14 +9,6 @@ from maskgil.tokenizers import build_tokenizer, factorize_codes, lfq_entropy_ter
 from maskgil.tokenizers.lfq import LFQuantizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine two threads spin-wait (~50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_lfq_code_is_the_bit_pattern_of_the_signs():
     q = LFQuantizer(bits=4, beta=0.25, entropy_weight=0.0, temperature=0.01, chunk=16, usage_window=8)

@@ -19,13 +19,6 @@ MICRO = {"ch": 16, "ch_mult": [1, 2], "enc_res_blocks": 1, "dec_res_blocks": 1, 
          "codebook_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_embedded_batch_matches_make_dataset():
     ref, labels, _ = make_dataset(EmbeddedSpec(seed=3, width=32, height=32), 5, start=10)
