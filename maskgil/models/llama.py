@@ -370,8 +370,11 @@ class LlamaGenerator(nn.Module):
 
         Returns logits (B, h*w, vocab) aligned with image positions (see module docstring). With
         `positions` (M,) long, flat indices into the B*h*w image positions, only those rows reach
-        the vocabulary head and the logits are (M, vocab): the masked objective scores ~2/3 of the
-        tokens, so the head and the loss skip the rest."""
+        the vocabulary head and the logits are (M, vocab) in the compute dtype (the loss upcasts
+        them; under bf16 that saves an fp32 copy of the largest activation): the masked objective
+        scores ~2/3 of the tokens, so the head and the loss skip the rest."""
+        if positions is not None and return_hidden:
+            raise ValueError("return_hidden and positions do not combine")
         grid = tuple(grid or self.config.grid_size)
         self._check_tokens(tokens, grid)
         B, N = tokens.shape
@@ -388,8 +391,8 @@ class LlamaGenerator(nn.Module):
             x = layer(x, rope, attn_mask=mask, is_causal=self.config.causal)
         h = self.norm(x)[:, P - 1:P - 1 + N] if self.config.causal else self.norm(x)[:, P:]  # (B, N, D)
         if positions is not None:
-            h = h.reshape(B * N, -1).index_select(0, positions)  # (M, D)
-        logits = self.head(h).float()  # (B, N, V) or (M, V) (V = sum of sub-token heads when factorised)
+            return self.head(h.reshape(B * N, -1).index_select(0, positions))  # (M, V)
+        logits = self.head(h).float()  # (B, N, V) (V = sum of sub-token heads when factorised)
         return (logits, h) if return_hidden else logits
 
     def _attn_mask(self, B, L, text_mask, device):

@@ -123,6 +123,8 @@ class BidirectionalTransformer(nn.Module):
     def forward(self, tokens, cond, grid=None, drop_cond=None, text_mask=None, return_hidden=False, positions=None):
         """tokens (B, h*w) with mask id at unknown positions, cond (B,) -> logits (B, h*w, vocab), or
         (M, vocab) at `positions` (M,), flat indices into the B*h*w positions (as LlamaGenerator)."""
+        if positions is not None and return_hidden:
+            raise ValueError("return_hidden and positions do not combine")
         h, w = grid = tuple(grid or self.config.grid_size)
         H, W = self.config.grid_size
         if h > H or w > W:
@@ -141,5 +143,7 @@ class BidirectionalTransformer(nn.Module):
         hid = self.head_norm(F.gelu(self.head(x[:, 1:])))  # (B, N, D)
         if positions is not None:
             hid = hid.reshape(-1, hid.shape[-1]).index_select(0, positions)  # (M, D)
-        logits = hid @ self.tok_embeddings.weight[: self.config.vocab_size].T + self.output_bias  # (B, N, V)
+        logits = hid @ self.tok_embeddings.weight[: self.config.vocab_size].T + self.output_bias  # (B, N, V) / (M, V)
+        if positions is not None:
+            return logits  # compute dtype, as LlamaGenerator
         return (logits.float(), hid) if return_hidden else logits.float()
