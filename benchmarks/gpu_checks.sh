@@ -22,7 +22,7 @@ train() {  # name, extra args: maskgil-b, 16x16 tokens, vocab 16384, 1000 classe
 }
 train b_bs64 --batch 64
 train b_bs256 --batch 256
-train b_bs256_compiled --batch 256 --compile --profile
+train b_bs256_compiled --batch 256 --compile --profile  # --compile = train.compile (blocks + loss)
 train b_bs512_compiled --batch 512 --compile
 train l_bs128_compiled --preset maskgil-l --batch 128 --compile
 
@@ -40,7 +40,8 @@ for f in sorted(out.glob("train_*.json")):
     except ValueError:
         continue
     print(f"{f.stem:28s} step {d['best_step_s']*1e3:7.1f} ms  {d['tokens_per_s']:10.0f} tok/s  "
-          f"{d['achieved_flops']/1e12:6.1f} TFLOP/s of {d['matmul_peak_flops']/1e12:6.1f}  MFU {d['fraction_of_peak']:.3f}")
+          f"{d['achieved_flops']/1e12:6.1f} TFLOP/s of {d['matmul_peak_flops']/1e12:6.1f}  MFU {d['fraction_of_peak']:.3f}  "
+          f"warm-up {d.get('warmup_s', 0):.0f} s  peak mem {d.get('peak_memory_gb') or 0:.1f} GB")
 for name in ("sampling_b.json", "tokenizers.json"):
     try:
         d = json.loads((out / name).read_text())

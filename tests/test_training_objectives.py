@@ -150,3 +150,21 @@ def test_head_at_positions_matches_full_logits_and_the_loss_over_them(name):
     torch.testing.assert_close(out.loss, expected)
     assert out.n_scored == int(mask.sum())
     assert (out.per_token[~mask] == 0).all() and (out.per_token[mask] > 0).all()
+
+
+def test_masked_loss_under_bf16_autocast_upcasts_the_hidden_token_logits():
+    """With positions the head returns compute-dtype (bf16) logits; the loss must still be the fp32
+    cross-entropy of those logits, as computed here from the full forward's rows."""
+    torch.manual_seed(0)
+    model = build_model("maskgil-tiny", vocab_size=32, num_classes=10, grid_size=(4, 4)).eval()
+    tokens = torch.randint(0, 32, (2, 16))
+    mask = torch.rand(2, 16) < 0.5
+    mask[:, 0] = True
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = model(tokens.masked_fill(mask, 32), torch.tensor([1, 2]), (4, 4), positions=pos)
+        out = masked_token_loss(model, tokens, torch.tensor([1, 2]), (4, 4), mask=mask, mask_id=32,
+                                class_dropout=0.0, label_smoothing=0.1)
+    assert rows.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    expected = torch.nn.functional.cross_entropy(rows.float(), tokens[mask], label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
