@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`) on 2 CPU ranks over gloo: the sharded step is the same computation as DDP's,
 also with compiled blocks (`train.compile`), and its checkpoint restores into one unsharded process
 (a different worker count)."""
+import faulthandler
 import os
 import shutil
 import socket
@@ -24,12 +25,16 @@ def _model():
 
 
 def _worker(rank: int, strategy: str, compiled: bool, port: int, out: str):
+    faulthandler.enable(all_threads=True)  # a native crash in a rank prints its Python stacks to the captured stderr
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model = _model()
         if compiled:  # the order ray_trainer uses: compile the blocks, then shard them
+            from torch._inductor import config as inductor_config
+
+            inductor_config.compile_threads = 1  # 2 ranks on 2 cores: no compile-worker pool per rank
             compile_blocks(model)
         model = wrap_model(model, strategy, torch.device("cpu"))
         cfg = TrainConfig(preset="maskgil-tiny", global_batch=16, strategy=strategy, lr=3e-3, compile=compiled)
