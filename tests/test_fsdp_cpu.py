@@ -3,7 +3,6 @@ also with compiled blocks (`train.compile`), and its checkpoint restores into on
 (a different worker count)."""
 import faulthandler
 import os
-import shutil
 import socket
 
 import pytest
@@ -12,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from maskgil.models import build_model
-from maskgil.training import TrainConfig, build_optimizer, compile_blocks, train_step
+from maskgil.training import TrainConfig, build_optimizer, compile_blocks, cpu_compile_available, train_step
 from maskgil.training.distributed import full_optimizer_state, resolve_strategy, wrap_model
 from maskgil.training.loop import load_checkpoint, save_checkpoint
 
@@ -70,7 +69,7 @@ def test_explicit_fsdp_is_allowed_on_cpu_and_auto_stays_ddp():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile (inductor) needs a C++ compiler"))])
+    not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler"))])
 def test_fsdp2_on_two_cpu_ranks_matches_ddp_and_restores_on_one(tmp_path, compiled):
     for strategy in ("ddp", "fsdp"):  # compiled: both compiled (Adam turns kernel rounding on near-zero grads into +-lr)
         mp.spawn(_worker, args=(strategy, compiled, _free_port(), str(tmp_path / strategy)), nprocs=WORLD, join=True)

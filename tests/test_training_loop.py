@@ -1,7 +1,6 @@
 """The training loop without Ray: batch plan, schedules, loss going down, exact resume,
 NaN stop keeping the last good checkpoint, keep-last-K, checkpoints loading into the samplers."""
 import math
-import shutil
 
 import pytest
 import torch
@@ -10,8 +9,8 @@ from maskgil.checkpoint import load_pretrained
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 from maskgil.training import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
-                              compute_loss, fit, grid_at, list_checkpoints, load_checkpoint, lr_at, prune_checkpoints,
-                              save_checkpoint)
+                              compute_loss, cpu_compile_available, fit, grid_at, list_checkpoints, load_checkpoint,
+                              lr_at, prune_checkpoints, save_checkpoint)
 
 SMALL = dict(n_layers=2, dim=64, n_heads=2, vocab_size=32, num_classes=4)
 
@@ -158,7 +157,7 @@ def test_checkpoint_loads_into_samplers(tmp_path):
         assert t.shape == (2, 64) and t.min() >= 0 and t.max() < 32
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile (inductor) needs a C++ compiler on CPU")
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
 @pytest.mark.parametrize("preset", ["maskgil-tiny", "llamagen-tiny"])
 def test_compiled_training_matches_eager(preset):
     """`train.compile`: compiled blocks and loss give the eager loss and gradients (to fp32 kernel

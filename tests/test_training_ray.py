@@ -7,7 +7,6 @@ The head runs as `ray start --head --block` in a child process with its own temp
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from maskgil.training import cpu_compile_available
 from maskgil.training.runconfig import load_run_config, parse_overrides
 from ray_head import local_head
 
@@ -178,8 +178,7 @@ def test_fsdp_run_on_cpu_workers_resumes_on_a_different_worker_count(head, tmp_p
                 "data.shuffle_buffer=0"]
 
     outs = []
-    can_compile = bool(shutil.which("g++") or shutil.which("c++"))  # inductor needs a C++ compiler on CPU
-    for max_steps, workers, compiled in ((4, 2, False), (6, 1, can_compile)):
+    for max_steps, workers, compiled in ((4, 2, False), (6, 1, cpu_compile_available())):
         r = subprocess.run(cmd(max_steps, workers, compiled), env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]

@@ -141,6 +141,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
 
 
+def cpu_compile_available() -> bool:
+    """Whether torch.compile can build CPU kernels here: inductor writes C++ and needs a compiler
+    (CXX, g++, c++ or clang++) and the Python headers."""
+    import os
+    import sysconfig
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    return bool(cxx) and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+
+
 def compile_blocks(model: nn.Module) -> nn.Module:
     """torch.compile every block in place, before DDP/FSDP wrapping (the order FSDP2 supports): the
     norms, QK-Norm, RoPE and SwiGLU fuse around the matmuls. Identical blocks share one compiled
