@@ -8,7 +8,7 @@ Stages (each is skipped when its output is already complete, so a rerun resumes)
   tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), trained in-process    -> runs/quickstart/tokenizer
   classifier  small CNN on real images: the judge of generated samples         -> runs/quickstart/classifier
   shards      pretokenize with Ray Data (+ horizontal flips)                  -> runs/quickstart/shards
-  maskgil     tiny MaskGIL, Ray Train (DDP over CPU workers, compiled blocks) -> runs/quickstart/maskgil
+  maskgil     tiny MaskGIL, Ray Train (DDP over CPU workers)                  -> runs/quickstart/maskgil
   llamagen    tiny AR (LlamaGen-style causal), Ray Train                      -> runs/quickstart/llamagen
   samples     class grids from MAR, AR and fusion (PNG), MAR judged at CFG 2  -> runs/quickstart/samples
 Every stage is an MLflow run under one parent run "quickstart".
@@ -234,14 +234,6 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
                name=f"quickstart-{kind}", storage_path=str(path.parent / "ray_train"),
                tags={"mlflow.parentRunId": parent_id})
     over.setdefault("scaling", {}).setdefault("num_workers", args.num_workers)
-    if kind == "maskgil" and "compile" not in over.get("train", {}):
-        # Compiled blocks run the tiny MaskGIL's steps ~1.2x faster on 2 cores for ~20 s of compiling;
-        # its 1,600 steps gain, the AR run's 200 do not.
-        from maskgil.training import cpu_compile_available
-
-        over.setdefault("train", {})["compile"] = cpu_compile_available()
-        if not over["train"]["compile"]:
-            print("[maskgil] no C++ compiler or Python headers: training eagerly (slower, same result)")
     cfg = load_run_config(config, over)
     # Key-wise, unlike the section merge: keep the run file's model shape, add --set's, then the codebook.
     cfg["train"]["model_overrides"] = {**cfg["train"].get("model_overrides", {}), **set_models, "vocab_size": codebook}
