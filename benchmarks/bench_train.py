@@ -86,7 +86,7 @@ def scored_tokens(cfg: TrainConfig, batch: int, n_tokens: int, step: int = 0) ->
 def closed_form_flops(model, batch: int, grid, scored: int) -> float:
     c = model.config
     mats = {n: p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n}
-    head = mats.pop("output.weight")
+    head = sum(mats.pop(n) for n in list(mats) if n.startswith(("output.", "sub_heads.")))  # vocabulary head(s)
     L = c.prefix_len + grid[0] * grid[1]  # sequence length (prefix + image tokens)
     head_rows = batch * grid[0] * grid[1] if c.causal else scored
     return 6 * sum(mats.values()) * batch * L + 6 * head * head_rows + 12 * c.n_layers * c.dim * L * L * batch
@@ -151,6 +151,7 @@ def main(argv=None):
         times.append(time.perf_counter() - t)
     peak_after = matmul_peak(device, dtype, args.peak_n, repeats=5)
     step_s = min(times)
+    scored = scored_tokens(cfg, args.batch, N)
     peak = max(peak_before, peak_after)
     achieved = counted / step_s
     out = {
@@ -160,9 +161,9 @@ def main(argv=None):
         "cpu": platform.processor() or platform.machine(),
         "step_seconds": times, "best_step_s": step_s,
         "tokens_per_s": args.batch * N / step_s,
-        "warmup_s": warmup_s, "scored_tokens": scored_tokens(cfg, args.batch, N),
+        "warmup_s": warmup_s, "scored_tokens": scored,
         "flops_per_step_counted": counted,
-        "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid, scored_tokens(cfg, args.batch, N)),
+        "flops_per_step_closed_form": closed_form_flops(model, args.batch, grid, scored),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "achieved_flops": achieved, "matmul_peak_flops": peak, "peak_before_after": [peak_before, peak_after],
         "fraction_of_peak": achieved / peak,

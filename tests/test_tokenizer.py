@@ -50,7 +50,6 @@ def shapes_image(batch=2, h=64, w=64, seed=0):
     return imgs
 
 
-
 # -- LlamaGen-VQ strict loading ------------------------------------------------------------------
 def test_reference_fixture_has_344_keys_and_71_883_403_params():
     shapes = reference_shapes()

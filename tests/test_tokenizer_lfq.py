@@ -9,7 +9,6 @@ from maskgil.tokenizers import build_tokenizer, factorize_codes, lfq_entropy_ter
 from maskgil.tokenizers.lfq import LFQuantizer
 
 
-
 def test_lfq_code_is_the_bit_pattern_of_the_signs():
     q = LFQuantizer(bits=4, beta=0.25, entropy_weight=0.0, temperature=0.01, chunk=16, usage_window=8)
     # one token per column: signs (+,-,+,+) -> 0b1011 = 11; (-,-,-,+) -> 1; (+,+,+,+) -> 15; (-,-,-,-) -> 0

@@ -19,7 +19,6 @@ MICRO = {"ch": 16, "ch_mult": [1, 2], "enc_res_blocks": 1, "dec_res_blocks": 1, 
          "codebook_size": 64}
 
 
-
 def test_embedded_batch_matches_make_dataset():
     ref, labels, _ = make_dataset(EmbeddedSpec(seed=3, width=32, height=32), 5, start=10)
     out = embedded_batch({"id": np.arange(10, 15)}, image_size=32, seed=3)

@@ -19,7 +19,6 @@ MICRO = dict(ch=16, ch_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1, z_channe
 PALETTE = np.array([[220, 40, 40], [40, 175, 60], [45, 85, 225], [240, 215, 40], [128, 128, 128]], np.uint8)
 
 
-
 def blobs(n=64, size=16, seed=0):
     """Palette-coloured squares on a palette background: learnable in a few dozen steps."""
     rng = np.random.default_rng(seed)

@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"  # "fp32" | "bf16" (autocast on GPU; FSDP2 mixed precision)
     strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"
-    compile: bool = False  # torch.compile each block and the loss (GPU: ~3x faster bf16 steps for maskgil-b)
+    compile: bool = False  # torch.compile each block and the loss (needs a C++ compiler on CPU)
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 10
