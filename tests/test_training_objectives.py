@@ -77,6 +77,11 @@ def test_mask_count_is_exact_ceil_of_schedule(kind, law):
     r = torch.rand(B, generator=g, dtype=torch.float64)  # the same draws the mask used for its ratios
     expected = [max(1, min(N, math.ceil(law(float(x)) * N))) for x in r]
     assert mask.sum(1).tolist() == expected
+    # Which ones: the positions holding each row's `count` smallest uniform scores (a uniform choice).
+    scores = torch.rand(B, N, generator=g)
+    for b, count in enumerate(expected):
+        threshold = scores[b].sort().values[count - 1]
+        assert torch.equal(mask[b], scores[b] <= threshold)
 
 
 def test_class_dropout_rate_and_null_class_passthrough():

@@ -28,9 +28,11 @@ class LossOutput:
 def random_token_mask(batch: int, n_tokens: int, schedule: str = "cosine", generator=None) -> torch.Tensor:
     """(B, N) bool: for each sample exactly ceil(gamma(r) N) positions, chosen uniformly, r ~ U(0, 1)."""
     counts = training_mask_counts(batch, n_tokens, schedule, generator)  # (B,)
-    scores = torch.rand(batch, n_tokens, generator=generator)
-    rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each position in a random order
-    return rank < counts[:, None]
+    order = torch.rand(batch, n_tokens, generator=generator).argsort(dim=1)  # (B, N) positions, random order
+    first = torch.arange(n_tokens) < counts[:, None]  # (B, N): the first count_b places of that order
+    # Hide the positions in those places: one sort, no second argsort to rank them (on the host,
+    # between GPU steps, this is idle device time).
+    return torch.zeros(batch, n_tokens, dtype=torch.bool).scatter_(1, order, first)
 
 
 def condition_dropout(batch: int, p: float, generator=None) -> torch.Tensor:
