@@ -4,17 +4,22 @@ measured in the same process (fp32 on CPU; bf16 on GPU with --precision bf16).
     python benchmarks/bench_train.py                          # maskgil-b, batch 16, 16x16 tokens, CPU fp32
     python benchmarks/bench_train.py --device cuda --precision bf16 --batch 64
     python benchmarks/bench_train.py --device cuda --precision bf16 --batch 256 --compile --peak-n 8192
+    python benchmarks/bench_train.py --device cuda --precision bf16 --batch 256 --compile --strategy fsdp
 
 FLOPs per step are counted by torch.utils.flop_counter (matmuls and attention, forward + backward),
 and cross-checked against the closed form 6 * (body matmul params) * tokens + 6 * (head params) *
 (hidden tokens: the masked objective's head sees only those) + 12 * layers * dim * L^2 * B. Every
 timed step replays step 0's masks, so the FLOPs counted on it hold for each. `--compile` is the
 training path's `train.compile: true` (each block and the loss through torch.compile).
+`--strategy fsdp` wraps the model with FSDP2 on a one-process group, as `train.strategy: fsdp` does:
+with bf16 that is MixedPrecisionPolicy (bf16 weights, activations and residual stream, fp32 master
+weights) instead of autocast over fp32 weights (bf16 matmuls, fp32 residual stream).
 Goal: >= 50% of the measured fp32 peak on CPU, >= 45% MFU on a GPU. Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from maskgil.models import build_model  # noqa: E402
 from maskgil.training import TrainConfig, build_optimizer, compile_blocks, train_step  # noqa: E402
+from maskgil.training.distributed import wrap_model  # noqa: E402
 from maskgil.training.loop import step_seed  # noqa: E402
 from maskgil.training.objectives import random_token_mask  # noqa: E402
 
@@ -35,6 +41,19 @@ from maskgil.training.objectives import random_token_mask  # noqa: E402
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def single_process_group(device):
+    """A one-rank default process group (nccl on a GPU, else gloo): FSDP2's collectives run for real."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def matmul_peak(device, dtype, n: int, repeats: int) -> float:
@@ -77,6 +96,16 @@ def profile_steps(step, device, n: int = 3) -> dict:
             "top": [{"op": k[:90], "ms_per_step": v / 1e3 / n} for k, v in rows[:12]]}
 
 
+def count_step_flops(model, cfg: TrainConfig, batch: dict, grid, device) -> float:
+    """FLOPs (matmuls and attention, forward + backward) of one eager, unwrapped training step on
+    step 0's masks: what every timed step computes, however the timed model is wrapped or compiled."""
+    eager = dataclasses.replace(cfg, strategy="none", compile=False)
+    opt = build_optimizer(model, eager)
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, opt, [batch], eager, 0, grid, device=device)
+    return counter.get_total_flops()
+
+
 def scored_tokens(cfg: TrainConfig, batch: int, n_tokens: int, step: int = 0) -> int:
     """Tokens the masked objective scores at `step` (the first draw of that step's generator)."""
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0, 0))
@@ -109,7 +138,9 @@ def main(argv=None):
                    help="profile 3 more steps: device-busy fraction and the top kernels (table on stderr)")
     p.add_argument("--no-cudnn-attention", action="store_true", help="GPU: let SDPA pick flash/efficient kernels")
     p.add_argument("--compile", action="store_true",
-                   help="time torch.compile'd steps (FLOPs are still counted on one eager step)")
+                   help="time torch.compile'd steps (FLOPs are counted on one eager step of a copy)")
+    p.add_argument("--strategy", choices=["none", "fsdp"], default="none",
+                   help="fsdp: FSDP2 on a one-process group (bf16: MixedPrecisionPolicy instead of autocast)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -120,26 +151,31 @@ def main(argv=None):
         if args.no_cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
     grid = tuple(args.grid)
-    torch.manual_seed(0)
-    model = build_model(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid_size=grid).to(device)
-    cfg = TrainConfig(preset=args.preset, global_batch=args.batch, precision=args.precision, strategy="none",
-                      compile=args.compile)
-    opt = build_optimizer(model, cfg)
     N = grid[0] * grid[1]
+    cfg = TrainConfig(preset=args.preset, global_batch=args.batch, precision=args.precision, strategy=args.strategy,
+                      compile=args.compile)
+    build = lambda: build_model(args.preset, vocab_size=args.vocab, num_classes=args.classes, grid_size=grid)  # noqa: E731
     batch = {"tokens": torch.randint(0, args.vocab, (args.batch, N), device=device),
              "label": torch.randint(0, args.classes, (args.batch,), device=device)}
+    counted = count_step_flops(build().to(device), cfg, batch, grid, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # The timed model, set up the way ray_trainer does: compile blocks, then wrap, then the optimizer.
+    torch.manual_seed(0)
+    model = build()
+    if args.compile:
+        compile_blocks(model)
+    if args.strategy == "fsdp":
+        single_process_group(device)
+    model = wrap_model(model, args.strategy, device, args.precision)
+    opt = build_optimizer(model, cfg)
 
     peak_before = matmul_peak(device, dtype, args.peak_n, repeats=5)
     step = lambda: train_step(model, opt, [batch], cfg, 0, grid, device=device)  # noqa: E731 (step 0's masks)
-    with FlopCounterMode(display=False) as counter:  # eager; also the first warmup step
-        cfg.compile = False
-        step()
-        cfg.compile = args.compile
-    counted = counter.get_total_flops()
-    if args.compile:
-        compile_blocks(model)
     t = time.perf_counter()
-    for _ in range(1, args.warmup + (2 if args.compile else 0)):  # compiled: the first calls compile
+    for _ in range(args.warmup + (2 if args.compile else 0)):  # compiled: the first calls compile
         step()
     sync(device)
     warmup_s = time.perf_counter() - t
@@ -157,7 +193,7 @@ def main(argv=None):
     out = {
         "preset": args.preset, "params": sum(p.numel() for p in model.parameters()), "batch": args.batch,
         "grid": list(grid), "vocab": args.vocab, "device": str(device), "precision": args.precision,
-        "compile": args.compile, "cudnn_attention": not args.no_cudnn_attention, "threads": args.threads,
+        "compile": args.compile, "strategy": args.strategy, "cudnn_attention": not args.no_cudnn_attention, "threads": args.threads,
         "cpu": platform.processor() or platform.machine(),
         "step_seconds": times, "best_step_s": step_s,
         "tokens_per_s": args.batch * N / step_s,
