@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
             import mlflow
 
             mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            if summary["tokenizer_device"]:
+                mlflow.set_tag("tokenizer_device", summary["tokenizer_device"])
             _log_outputs(mlflow, cfg.out)
         if summary["complete"] and not summary["reconciled"]:
             raise SystemExit("pretokenize: counts do not reconcile (seen != written + quarantined)")

@@ -23,16 +23,17 @@ def head_env() -> dict:
 
 @contextlib.contextmanager
 def local_head(log_dir, tag: str, gcs_port: int, dashboard_port: int, aux_base: int, worker_ports: tuple[int, int],
-               env: dict | None = None):
+               env: dict | None = None, num_cpus: int = 2):
     """Yield the dashboard URL of a head using gcs_port, dashboard_port and aux_base+1..+7.
-    `env` (default `head_env()`) is the environment of the head and so of its workers."""
+    `env` (default `head_env()`) is the environment of the head and so of its workers. GPUs are
+    detected by `ray start` itself."""
     temp = f"/tmp/{tag}_ray_{os.getpid()}"  # short: Ray's socket paths must stay under ~100 chars
     aux = [f"--{name}={aux_base + i}" for i, name in enumerate(
         ["ray-client-server-port", "dashboard-agent-listen-port", "metrics-export-port", "dashboard-agent-grpc-port",
          "runtime-env-agent-port", "node-manager-port", "object-manager-port"], start=1)]
     cmd = RAY + ["start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-                 "--num-cpus=2", f"--temp-dir={temp}", *aux,
+                 f"--num-cpus={num_cpus}", f"--temp-dir={temp}", *aux,
                  f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}"]
     log = open(os.path.join(log_dir, "head.log"), "w")
     proc = subprocess.Popen(cmd, env=env or head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -40,6 +40,7 @@ def test_ray_job_submit(head, tmp_path):
     res = subprocess.run(cmd, env=head_env(), capture_output=True, text=True, timeout=480)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "seen 33 = written 32 + quarantined 1 [OK]" in res.stdout, res.stdout[-3000:]
+    assert "tokenized on cpu" in res.stdout  # the head has no GPU: CPU tokenizer actors
     m = json.loads((out / "manifest.json").read_text())
     assert (m["inputs_seen"], m["inputs_written"], m["inputs_quarantined"], m["rows_written"]) == (33, 32, 1, 32)
     assert len(m["shards"]) == 3

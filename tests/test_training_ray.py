@@ -187,3 +187,7 @@ def test_fsdp_run_on_cpu_workers_resumes_on_a_different_worker_count(head, tmp_p
     run_id = outs[0]["run_id"]
     assert metric_history(db, run_id, "resumed_from_step") == [(4, 4.0)]
     assert [s for s, _ in metric_history(db, run_id, "loss")] == [1, 2, 3, 4, 5, 6]  # none lost, none repeated
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(f"sqlite:///{db}").get_run(run_id).data.tags  # the last attempt's placement
+    assert (tags["maskgil.strategy"], tags["maskgil.device"], tags["maskgil.num_workers"]) == ("fsdp", "cpu", "1")

@@ -315,6 +315,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
     print(f"pretokenize: {len(plan)} shards planned from {cfg.source} ({cfg.format}); {skipped} already complete, {len(todo)} to do")
 
     new_recs = []
+    device = None
     if todo:
         gpus = cfg.gpus_per_tokenizer
         if gpus is None:
@@ -336,6 +337,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
                             num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
                             fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device="cuda" if gpus else "cpu",
                                                        batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
+        device = "cuda" if gpus else "cpu"
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
         limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)
@@ -361,7 +363,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         "rows_written_this_run": sum(r["rows"] for r in new_recs),
         "inputs_seen_this_run": sum(r["seen"] for r in new_recs),
         "inputs_quarantined_this_run": sum(r["quarantined"] for r in new_recs),
-        "seconds": elapsed,
+        "seconds": elapsed, "tokenizer_device": device,  # None when nothing was left to do
         "images_per_s": sum(r["written_inputs"] for r in new_recs) / max(elapsed, 1e-9),
         "rows_per_s": sum(r["rows"] for r in new_recs) / max(elapsed, 1e-9),
         # Seconds from the start to each shard written: startup cost vs steady rate.
@@ -385,7 +387,8 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"shards: {s['shards_written']} written, {s['shards_skipped']} already complete, {s['shards_planned']} planned",
              f"this run: {s['rows_written_this_run']} rows from {s['inputs_seen_this_run']} inputs "
-             f"({s['inputs_quarantined_this_run']} quarantined) in {s['seconds']:.1f}s = {s['images_per_s']:.1f} images/s"]
+             f"({s['inputs_quarantined_this_run']} quarantined) in {s['seconds']:.1f}s = {s['images_per_s']:.1f} images/s"
+             + (f", tokenized on {s['tokenizer_device']}" if s.get("tokenizer_device") else "")]
     if s["complete"]:
         ok = "OK" if s["reconciled"] else "MISMATCH"
         lines.append(f"total: seen {s['inputs_seen']} = written {s['inputs_written']} + quarantined {s['inputs_quarantined']} [{ok}]; "

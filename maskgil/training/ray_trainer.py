@@ -79,6 +79,10 @@ class MlflowRunLogger:
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=ms)
 
+    def set_tags(self, tags: dict):
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
     def log_artifact(self, path: str, artifact_path: str | None = None):
         self.client.log_artifact(self.run_id, path, artifact_path)
 
@@ -128,6 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             start = load_checkpoint(d, model, optimizer)
     logger = MlflowRunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger:  # what `auto` resolved to, and where the workers ran (the last attempt's, on a resume)
+        logger.set_tags({"maskgil.strategy": strategy, "maskgil.device": device.type, "maskgil.num_workers": world})
     if logger and start:
         logger.log_metrics({"resumed_from_step": start["step"]}, step=start["step"])
 
