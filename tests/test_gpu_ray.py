@@ -11,6 +11,7 @@ Skipped without CUDA (CI has none) and where Ray or MLflow is not installed (a b
 `benchmarks/gpu_checks.sh` runs it on a GPU box with the project installed.
 """
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,10 @@ SMALL = {"n_layers": 2, "dim": 64, "n_heads": 2, "vocab_size": 512, "num_classes
 
 
 def _env():
-    return dict(head_env(), PYTHONPATH=str(ROOT))
+    """Environment of the head (so of its workers) and of the CLI calls: the repo, plus the absolute
+    entries of this PYTHONPATH (a GPU box may hold Ray on a path rather than installed)."""
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
+    return dict(head_env(), PYTHONPATH=os.pathsep.join([str(ROOT), *extra]))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def _pretokenize(head, work, out: Path, gpus: int, db: Path):
                  "python", "pipelines/pretokenize.py", "--source", str(work / "data" / "train"), "--format", "imagenet",
                  "--out", str(out), "--tokenizer", str(work / "tok"), "--image-size", "64", "--rows-per-shard", "16",
                  "--batch-size", "16", "--gpus-per-tokenizer", str(gpus), "--tracking-uri", f"sqlite:///{db}"]
-    r = subprocess.run(cmd, env=head_env(), capture_output=True, text=True, timeout=480)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=480)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout
 
