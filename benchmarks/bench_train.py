@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from maskgil.models import build_model  # noqa: E402
 from maskgil.training import TrainConfig, build_optimizer, compile_blocks, train_step  # noqa: E402
-from maskgil.training.distributed import wrap_model  # noqa: E402
+from maskgil.training.distributed import init_single_process_group, wrap_model  # noqa: E402
 from maskgil.training.loop import step_seed  # noqa: E402
 from maskgil.training.objectives import random_token_mask  # noqa: E402
 
@@ -41,19 +41,6 @@ from maskgil.training.objectives import random_token_mask  # noqa: E402
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def single_process_group(device):
-    """A one-rank default process group (nccl on a GPU, else gloo): FSDP2's collectives run for real."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def matmul_peak(device, dtype, n: int, repeats: int) -> float:
@@ -168,7 +155,7 @@ def main(argv=None):
     if args.compile:
         compile_blocks(model)
     if args.strategy == "fsdp":
-        single_process_group(device)
+        init_single_process_group(device)
     model = wrap_model(model, args.strategy, device, args.precision)
     opt = build_optimizer(model, cfg)
 

@@ -3,8 +3,6 @@ checkpoint that restores unsharded. Skipped on machines without a GPU (CI has no
 `python -m pytest tests/test_gpu.py` on a GPU box (benchmarks/gpu_checks.sh does, with the benchmarks).
 """
 import contextlib
-import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +11,8 @@ import torch.distributed as dist
 from maskgil.models import build_model
 from maskgil.sampling import sample_maskgit
 from maskgil.training import TrainConfig, build_optimizer, train_step
-from maskgil.training.distributed import full_model_state, full_optimizer_state, wrap_model
+from maskgil.training.distributed import (full_model_state, full_optimizer_state, init_single_process_group,
+                                          wrap_model)
 from maskgil.training.loop import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,13 +32,9 @@ def fixed_batches(n_micro: int, micro: int, vocab: int = 512, seed: int = 0) -> 
 
 
 @contextlib.contextmanager
-def single_rank_group(backend: str):
-    """A one-process default group, enough for FSDP2's collectives to run for real."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(backend, rank=0, world_size=1, device_id=CUDA if backend == "nccl" else None)
+def single_rank_group():
+    """A one-process NCCL group, enough for FSDP2's collectives to run for real."""
+    init_single_process_group(CUDA)
     try:
         yield
     finally:
@@ -100,7 +95,7 @@ def test_fsdp2_bf16_trains_and_its_checkpoint_restores_unsharded(tmp_path):
     cfg = TrainConfig(preset="maskgil-tiny", global_batch=32, precision="bf16", strategy="fsdp", lr=3e-3,
                       warmup_steps=0, label_smoothing=0.0)
     batches = fixed_batches(2, 16)  # two micro-batches: the no-gradient-sync path runs too
-    with single_rank_group("nccl"):
+    with single_rank_group():
         torch.manual_seed(0)
         model = wrap_model(build_model("maskgil-tiny", vocab_size=512, num_classes=16, grid_size=GRID), "fsdp",
                            CUDA, "bf16")
@@ -140,7 +135,7 @@ def test_compiled_bf16_training_matches_eager_and_fits(strategy):
 
     batches = fixed_batches(2, 16)
     first, losses = {}, []
-    with single_rank_group("nccl") if strategy == "fsdp" else contextlib.nullcontext():
+    with single_rank_group() if strategy == "fsdp" else contextlib.nullcontext():
         for compiled in (False, True):
             cfg = TrainConfig(preset="maskgil-tiny", global_batch=32, precision="bf16", strategy=strategy, lr=3e-3,
                               warmup_steps=0, label_smoothing=0.0, compile=compiled)

@@ -99,6 +99,19 @@ def load_full_state(model: nn.Module, model_state: dict, optimizer=None, optimiz
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 
+def init_single_process_group(device: torch.device) -> None:
+    """A one-rank default process group on a free local port (nccl for a CUDA device, else gloo):
+    FSDP2's collectives then run for real inside one process (benchmarks, GPU tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=device if cuda else None)
+
+
 def world() -> tuple[int, int]:
     """(rank, world_size) of the default process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
