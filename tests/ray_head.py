@@ -57,3 +57,18 @@ def local_head(log_dir, tag: str, gcs_port: int, dashboard_port: int, aux_base: 
             proc.kill()
             proc.wait()
         log.close()
+
+
+def wait_healthy(base_url: str, timeout_s: float, detail=lambda: "") -> None:
+    """Poll `base_url`/healthz until it answers 200; after timeout_s raise, with `detail()` in the message."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(base_url + "/healthz", timeout=10) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # refused, reset, or an HTTP error status (503 while deployments start)
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{base_url} did not become healthy in {timeout_s:.0f} s {detail()}")
+        time.sleep(1)

@@ -15,7 +15,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from ray_head import RAY, head_env, local_head
+from ray_head import RAY, head_env, local_head, wait_healthy
 
 pytest.importorskip("ray", reason="the Ray stages need Ray on the GPU box")
 pytest.importorskip("mlflow", reason="the pipelines log to MLflow")
@@ -85,9 +84,16 @@ def _pretokenize(head, work, out: Path, gpus: int, db: Path):
     return r.stdout
 
 
-def test_pretokenize_on_gpu_actors_matches_cpu_actors(head, work):
+@pytest.fixture(scope="module")
+def gpu_shards(head, work):
+    """The token shards written by GPU tokenizer actors (training reads them), and the job's log."""
+    out = work / "tokens_gpu"
+    return out, _pretokenize(head, work, out, 1 if USE_GPU else 0, work / "pretok.db")
+
+
+def test_pretokenize_on_gpu_actors_matches_cpu_actors(head, work, gpu_shards):
     db = work / "pretok.db"
-    gpu_log = _pretokenize(head, work, work / "tokens_gpu", 1 if USE_GPU else 0, db)
+    gpu_log = gpu_shards[1]
     cpu_log = _pretokenize(head, work, work / "tokens_cpu", 0, db)
     device = "cuda" if USE_GPU else "cpu"
     assert f"tokenized on {device}" in gpu_log and "tokenized on cpu" in cpu_log
@@ -104,10 +110,7 @@ def test_pretokenize_on_gpu_actors_matches_cpu_actors(head, work):
     assert same >= 0.98, f"GPU and CPU tokenizer actors agree on only {same:.1%} of the tokens"
 
 
-def _train(head, work, max_steps, strategy, precision):
-    shards = work / "tokens_gpu"
-    if not shards.is_dir():
-        pytest.skip("needs the shards of test_pretokenize_on_gpu_actors_matches_cpu_actors")
+def _train(work, shards, max_steps, strategy, precision):
     overrides = "{" + ", ".join(f"{k}: {v}" for k, v in SMALL.items()) + "}"
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(ROOT / "ray_configs/train_maskgil_tiny.yaml"),
            "--shards", str(shards), "--output", str(work / "final"), "--name", "gputest",
@@ -122,11 +125,11 @@ def _train(head, work, max_steps, strategy, precision):
     return json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
 
 
-def test_ray_train_on_gpu_fsdp2_bf16_then_resumed_under_ddp(head, work):
+def test_ray_train_on_gpu_fsdp2_bf16_then_resumed_under_ddp(work, gpu_shards):
     from mlflow.tracking import MlflowClient
 
-    first = _train(head, work, 4, "fsdp", "bf16")
-    second = _train(head, work, 6, "ddp", "bf16")
+    first = _train(work, gpu_shards[0], 4, "fsdp", "bf16")
+    second = _train(work, gpu_shards[0], 6, "ddp", "bf16")
     assert (first["step"], second["step"]) == (4, 6) and first["run_id"] == second["run_id"]
     client = MlflowClient(f"sqlite:///{work / 'train.db'}")
     run = client.get_run(first["run_id"])
@@ -174,16 +177,8 @@ def test_serve_replicas_on_the_gpu_match_the_library_on_the_same_gpu(head, work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     base = f"http://127.0.0.1:{HTTP_PORT}"
     try:
+        wait_healthy(base, 240)
         with httpx.Client(base_url=base, timeout=120) as c:
-            deadline = time.time() + 240
-            while True:
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "the GPU app did not become healthy in 240 s"
-                time.sleep(2)
             device = "cuda" if USE_GPU else "cpu"
             m = c.get("/models").json()
             assert [m[k]["device"].split(":")[0] for k in ("ar", "mar", "tokenizer")] == [device] * 3

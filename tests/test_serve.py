@@ -22,6 +22,7 @@ from PIL import Image
 httpx = pytest.importorskip("httpx")
 
 from maskgil.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from ray_head import wait_healthy  # noqa: E402
 from maskgil.models import build_model  # noqa: E402
 from maskgil.sampling import sample_fusion  # noqa: E402
 from maskgil.tokenizers import build_tokenizer, load_tokenizer  # noqa: E402
@@ -71,17 +72,7 @@ def server(ckpts, tmp_path_factory):
         address = ray.get_runtime_context().gcs_address
         subprocess.run([sys.executable, "-m", "ray.serve.scripts", "run", "--non-blocking", "-a", address, str(path)],
                        check=True, cwd=ROOT, timeout=180, capture_output=True)
-        deadline = time.time() + 180
-        with httpx.Client(base_url=BASE, timeout=10) as c:
-            while True:
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError(f"app did not become healthy: {serve.status()}")
-                time.sleep(1)
+        wait_healthy(BASE, 180, detail=lambda: f"(serve status: {serve.status()})")
         yield {"ckpts": ckpts}
     finally:
         try:

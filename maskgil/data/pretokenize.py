@@ -320,6 +320,7 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         gpus = cfg.gpus_per_tokenizer
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        device = "cuda" if gpus else "cpu"
         ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
         decode_cpus = cfg.decode_cpus
         if not gpus and decode_cpus == cfg.cpus_per_tokenizer:
@@ -335,9 +336,8 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
         ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizers),
                             num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
-                            fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device="cuda" if gpus else "cpu",
+                            fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device=device,
                                                        batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
-        device = "cuda" if gpus else "cpu"
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
         limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)

@@ -80,8 +80,9 @@ class MlflowRunLogger:
         self.client.log_batch(self.run_id, metrics=ms)
 
     def set_tags(self, tags: dict):
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str, artifact_path: str | None = None):
         self.client.log_artifact(self.run_id, path, artifact_path)
