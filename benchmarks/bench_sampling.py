@@ -8,7 +8,9 @@ Reports
   at batch 1 and 16, CFG on;
 - achieved FLOP/s of one full bidirectional forward at batch 16 vs the matmul peak measured here
   (fp32 on CPU, bf16 on GPU); goal >= 60 % on CPU for maskgil-b;
-- AR decode time per token step vs the time to read every weight once; goal <= 2x.
+- AR decode time per token step vs the time to read every weight once; goal <= 2x. Eager, and
+  with the decode step under torch.compile (`--compile-modes`: inductor's default mode, and on a
+  GPU also "reduce-overhead", i.e. CUDA graphs); AR and fusion sampling are timed both ways too.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
+from maskgil.sampling.ar import decode_step_fn
 
 
 def timeit(fn, repeat: int, sync) -> float:
@@ -71,6 +74,29 @@ def weight_read_seconds(model, sync) -> float:
     return timeit(run, 5, sync)
 
 
+@torch.no_grad()
+def decode_step_seconds(ar, grid, step, sync, steps_timed: int = 64) -> float:
+    """Mean seconds of one AR decode step (batch 1 with CFG = 2 rows), after 3 warm-up steps."""
+    N = grid[0] * grid[1]
+    steps_timed = min(steps_timed, N - 4)
+    device = next(ar.parameters()).device
+    seq_pos = torch.arange(N, device=device) + ar.config.prefix_len
+    cond = torch.zeros(2, dtype=torch.long, device=device)
+    ar.setup_kv_cache(2, grid)
+    try:
+        tok = ar.prefill(cond, drop_cond=torch.tensor([False, True], device=device)).argmax(-1)[:, None]
+        for j in range(3):
+            step(tok, seq_pos[j:j + 1])
+        sync()
+        t = time.perf_counter()
+        for j in range(3, 3 + steps_timed):
+            step(tok, seq_pos[j:j + 1])
+        sync()
+        return (time.perf_counter() - t) / steps_timed
+    finally:
+        ar.clear_kv_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="b", help="size suffix (tiny, b, l, ...): maskgil-<size> vs llamagen-<size>")
@@ -78,6 +104,9 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per figure (best is reported)")
+    ap.add_argument("--compile-modes", default=None,
+                    help="comma list of torch.compile modes for the AR decode step ('default', 'reduce-overhead'); "
+                         "'' for eager only. Default: 'default' on CPU, 'default,reduce-overhead' on CUDA")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -89,6 +118,17 @@ def main(argv=None):
     grid = mar.config.grid_size
     N = grid[0] * grid[1]
     k = N // 2
+    modes = args.compile_modes
+    if modes is None:
+        modes = "default,reduce-overhead" if device.type == "cuda" else "default"
+    modes = [m for m in modes.split(",") if m]
+    if modes and device.type == "cpu":
+        from maskgil.training import cpu_compile_available
+
+        if not cpu_compile_available():
+            print("no C++ compiler: compiled AR decoding is not measured")
+            modes = []
+    compiled = {m: (True if m == "default" else m) for m in modes}  # name -> sample_ar's `compile`
     out = {"preset": args.preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
            "grid": list(grid), "cfg_scale": args.cfg, "sampling": {}}
@@ -103,8 +143,13 @@ def main(argv=None):
             f"fusion_k{k}_m4": lambda: sample_fusion(ar, mar, cond, grid, ar_tokens=k, mar_steps=4,
                                                      cfg_scale=args.cfg, generator=g.manual_seed(0)),
         }
+        for m, c in compiled.items():
+            runs[f"ar_{N}_compiled_{m}"] = lambda c=c: sample_ar(ar, cond, grid, cfg_scale=args.cfg, compile=c,
+                                                                  generator=g.manual_seed(0))
+            runs[f"fusion_k{k}_m4_compiled_{m}"] = lambda c=c: sample_fusion(
+                ar, mar, cond, grid, ar_tokens=k, mar_steps=4, cfg_scale=args.cfg, compile_ar=c, generator=g.manual_seed(0))
         for name, fn in runs.items():
-            s = timeit(fn, args.repeat, sync)
+            s = timeit(fn, args.repeat, sync)  # the warm-up call pays any compilation
             out["sampling"][f"{name}_batch{B}"] = {"seconds": round(s, 4), "images_per_s": round(B / s, 3),
                                                    "latency_per_image_s": round(s / B, 4)}
     b16 = max(int(b) for b in args.batches.split(","))
@@ -113,6 +158,10 @@ def main(argv=None):
         "mar8_vs_ar_speedup": round(sp[f"ar_{N}_batch{b16}"]["seconds"] / sp[f"mar_8_batch{b16}"]["seconds"], 2),
         "fusion_vs_ar_speedup": round(sp[f"ar_{N}_batch{b16}"]["seconds"] / sp[f"fusion_k{k}_m4_batch{b16}"]["seconds"], 2),
     }
+    for m in compiled:
+        for B in [int(b) for b in args.batches.split(",")]:
+            out["ratios"][f"ar_compiled_{m}_vs_eager_speedup_batch{B}"] = round(
+                sp[f"ar_{N}_batch{B}"]["seconds"] / sp[f"ar_{N}_compiled_{m}_batch{B}"]["seconds"], 2)
 
     # ---- FLOP/s of one full bidirectional forward at batch 16 vs measured matmul peak
     Bf = 16
@@ -127,25 +176,12 @@ def main(argv=None):
                       "fraction_of_peak": round(flops / fwd / peak, 3), "goal": ">= 0.60 on CPU"}
 
     # ---- AR decode step vs reading every weight once (batch 1 with CFG = 2 rows)
-    cond1 = torch.zeros(1, dtype=torch.long, device=device)
-    steps_timed = min(64, N - 1)
-    ar.setup_kv_cache(2, grid)
-    with torch.no_grad():
-        logits = ar.prefill(torch.cat([cond1, cond1]), grid, drop_cond=torch.tensor([False, True], device=device))
-        tok = logits.argmax(-1)[:, None]
-        ar.decode_tokens(tok, 0, grid)  # warm-up
-        sync()
-        t = time.perf_counter()
-        for j in range(1, steps_timed + 1):
-            ar.decode_tokens(tok, j, grid)
-        sync()
-        step = (time.perf_counter() - t) / steps_timed
-    ar.clear_kv_cache()
     read = weight_read_seconds(ar, sync)
-    out["ar_decode"] = {"seconds_per_token_step": round(step, 5), "weight_read_seconds": round(read, 5),
-                        "ratio": round(step / read, 2), "weights_mb": round(sum(p.numel() * p.element_size()
-                                                                                  for p in ar.parameters()) / 2**20, 1),
-                        "goal": "<= 2.0"}
+    out["ar_decode"] = {"weight_read_seconds": round(read, 5), "goal": "<= 2.0",
+                        "weights_mb": round(sum(p.numel() * p.element_size() for p in ar.parameters()) / 2**20, 1)}
+    for name, c in {"eager": False, **{f"compiled_{m}": c for m, c in compiled.items()}}.items():
+        step = decode_step_seconds(ar, grid, decode_step_fn(ar, c), sync)
+        out["ar_decode"][name] = {"seconds_per_token_step": round(step, 5), "ratio": round(step / read, 2)}
     print(json.dumps(out, indent=2))
     return out
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU, in one go (one short lease): the training benchmark's
 # MFU figures for maskgil-b, the CUDA tests, the Ray stages on the GPU (tests/test_gpu_ray.py), more
-# training figures, then sampling and tokenizer figures. Logs and JSON (with the profile tables) go
+# training figures, then sampling (compiled AR decoding included) and tokenizer figures. Logs and JSON (with the profile tables) go
 # to $OUT (default ./gpu_out); the last lines printed are a summary table.
 #
 #     bash benchmarks/gpu_checks.sh              # BUDGET=540 s: stages that no longer fit are skipped
@@ -41,10 +41,12 @@ fits 150 "tests/test_gpu_ray.py" && timeout $(cap 420) $PY -m pytest -q -p no:ca
 
 train b_bs512_compiled_fsdp --batch 512 --compile --strategy fsdp
 train l_bs128_compiled --preset maskgil-l --batch 128 --compile
+# Sampling: MAR-8 vs AR vs fusion, and the AR decode step eager / compiled / CUDA graphs.
+fits 90 "bench_sampling" && { timeout $(cap 180) $PY benchmarks/bench_sampling.py --preset b --device cuda --repeat 2 \
+  --compile-modes default,reduce-overhead >"$OUT/sampling_b.json" \
+  2>"$OUT/sampling_b.err" || echo "bench_sampling failed: $(tail -3 "$OUT/sampling_b.err")"; }
 train b_bs256_eager --batch 256
 
-fits 60 "bench_sampling" && { timeout $(cap 120) $PY benchmarks/bench_sampling.py --preset b --device cuda --repeat 3 >"$OUT/sampling_b.json" \
-  2>"$OUT/sampling_b.err" || echo "bench_sampling failed: $(tail -3 "$OUT/sampling_b.err")"; }
 fits 40 "bench_tokenizers" && { timeout $(cap 100) $PY benchmarks/bench_tokenizers.py --device cuda --iters 10 --warmup 2 --batch-size 64 \
   >"$OUT/tokenizers.json" 2>"$OUT/tokenizers.err" || echo "bench_tokenizers failed: $(tail -3 "$OUT/tokenizers.err")"; }
 echo "gpu_checks: ${SECONDS} s"

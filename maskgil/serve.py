@@ -62,6 +62,8 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="waiting beyond that -> HTTP 503; -1 = unbounded")
     request_timeout_s: float = Field(120.0, gt=0, description="per stage; then HTTP 504")
     decoder: Literal["deployment", "ingress"] = Field("deployment", description="where tokens become images")
+    compile_ar: bool = Field(False, description="torch.compile the AR decode step (CPU: needs a C++ compiler); "
+                                                "compiles at replica start and once per new power-of-two batch")
     limits: Limits = Limits()
 
 
@@ -200,14 +202,18 @@ class ARModel(_Replica):
     """A causal generator: writes the first k tokens in raster order with a KV cache."""
 
     def __init__(self, path: str, device: str = "auto", threads: int = 1, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005):
+                 batch_wait_timeout_s: float = 0.005, compile: bool = False):
         from maskgil.checkpoint import load_pretrained
 
         self._setup(device, threads, max_batch_size, batch_wait_timeout_s)
         self.model = load_pretrained(path, map_location=self.device)
         if not self.model.config.causal:
             raise ValueError(f"{path} is not a causal (AR) model")
-        self._info = _model_info(path, self.model, self.device)
+        self.compile = compile
+        self._info = {**_model_info(path, self.model, self.device), "compiled_decode": compile}
+        if compile:  # build the one-request graph (CFG on) now, not in the first caller's latency
+            job = Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0))
+            ar_batch(self.model, [job], tuple(self.model.config.grid_size), 2, cfg_scale=2.0, compile=True)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:
@@ -220,7 +226,8 @@ class ARModel(_Replica):
         jobs = [Job(torch.full((g["num_images"],), g["class_id"], dtype=torch.long), make_generator(self.device, g["seed"]))
                 for g in group]
         tokens = ar_batch(self.model, jobs, it["grid"], it["ar_tokens"], cfg_scale=it["cfg_scale"],
-                          cfg_schedule=it["cfg_schedule"], temperature=it["temperature"], top_k=it["top_k"])
+                          cfg_schedule=it["cfg_schedule"], temperature=it["temperature"], top_k=it["top_k"],
+                          compile=self.compile)
         # The generator state travels with the tokens so MAR continues the same random stream.
         return [{"tokens": t.cpu(), "generator_state": j.generator.get_state()} for t, j in zip(tokens, jobs)]
 
@@ -459,7 +466,7 @@ def app(args: ServeArgs) -> Application:
                 max_ongoing_requests=max(args.max_ongoing_requests, 2 * args.max_batch_size),
                 autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas,
                                     "target_ongoing_requests": max(2, args.max_batch_size)})
-    ar_app = ARModel.options(**opts).bind(ar, **replica)
+    ar_app = ARModel.options(**opts).bind(ar, **replica, compile=args.compile_ar)
     mar_app = MARModel.options(**opts).bind(mar, **replica)
     dec_app = Decoder.options(**opts).bind(tok, **replica) if args.decoder == "deployment" else None
     ingress = Fusion.options(max_ongoing_requests=args.max_ongoing_requests,

@@ -8,6 +8,7 @@ from maskgil.models import build_model
 from maskgil.models.llama import LlamaConfig, LlamaGenerator
 from maskgil.sampling import (cfg_combine, filter_logits, guided_logits, masked_after_steps, reveal_counts,
                               sample_ar, sample_fusion, sample_maskgit, training_mask_counts)
+from maskgil.training import cpu_compile_available
 
 
 def mar_model():
@@ -125,6 +126,50 @@ def test_kv_cache_with_text_prefix_equals_full_recomputation():
     for i in range(9):
         toks[:, i] = a(toks, feats, text_mask=tm)[:, i].argmax(-1)
     torch.testing.assert_close(cached, toks)
+
+
+def test_decode_step_compiles_to_one_graph_for_every_position_and_call():
+    """The KV-cache step has position-independent shapes: one graph serves a whole image, and the
+    next image too, and its logits match the full causal forward at every position."""
+    a = ar_model()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(a.decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
+    tokens, cond = torch.randint(0, 512, (3, 64), generator=gen(3)), torch.tensor([0, 7, 16])
+    with torch.no_grad():
+        full = a(tokens, cond)  # (B, N, V): position i predicts token i from tokens < i
+        for _ in range(2):
+            a.setup_kv_cache(3, (8, 8))
+            cached = [a.prefill(cond)]
+            cached += [step(tokens[:, i:i + 1], torch.tensor([1 + i])) for i in range(63)]
+            a.clear_kv_cache()
+            torch.testing.assert_close(torch.stack(cached, 1), full, rtol=1e-4, atol=1e-4)
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
+def test_compiled_ar_decoding_equals_full_recomputation():
+    a = ar_model()
+    c = torch.tensor([0, 15, 6])
+    torch.testing.assert_close(sample_ar(a, c, cfg_scale=3.0, top_k=1, compile=True),
+                               greedy_by_recomputation(a, c, 64, 3.0))
+    m = mar_model()  # fusion: the compiled AR prefix (on the cache the call above left), then MAR
+    eager = sample_fusion(a, m, c, ar_tokens=20, mar_steps=4, cfg_scale=2.0, top_k=1, generator=gen(5))
+    compiled = sample_fusion(a, m, c, ar_tokens=20, mar_steps=4, cfg_scale=2.0, top_k=1, generator=gen(5),
+                             compile_ar=True)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_compiled_ar_decoding_without_a_compiler_says_so(monkeypatch):
+    import maskgil.training.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_compile_available", lambda: False)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        sample_ar(ar_model(), torch.tensor([1]), compile=True)
 
 
 @pytest.mark.parametrize("k", [0, 20, 64])

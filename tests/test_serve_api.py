@@ -14,6 +14,7 @@ from maskgil.checkpoint import save_pretrained
 from maskgil.models import build_model
 from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request
 from maskgil.tokenizers import build_tokenizer
+from maskgil.training import cpu_compile_available
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ModelShape(num_classes=16, vocab_size=512, downsample=8, native_grid=(8, 8))
@@ -136,6 +137,20 @@ def test_serve_config_files(name, ckpts):
                                                                                      "Fusion"}
     paths = {"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")}
     assert isinstance(app(args.model_copy(update=paths)), Application)
+
+
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
+def test_ar_replica_with_compiled_decoding(ckpts):
+    """`compile_ar`: the replica compiles at start and its batches write the eager replica's tokens."""
+    from maskgil.serve import ARModel
+
+    eager, compiled = (ARModel.func_or_class(str(ckpts / "llamagen"), device="cpu", compile=c) for c in (False, True))
+    assert compiled.model.__dict__.get("_compiled_decode_steps")  # built in the constructor
+    assert compiled._info["compiled_decode"] and not eager._info["compiled_decode"]
+    group = [{"class_id": c, "num_images": n, "seed": s, "grid": (8, 8), "ar_tokens": 32, "cfg_scale": 2.0,
+              "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1} for c, n, s in ((3, 2, 1), (9, 1, 2))]
+    for want, got in zip(eager._compute(group), compiled._compute(group)):
+        assert torch.equal(got["tokens"], want["tokens"])
 
 
 class FakeResponse:

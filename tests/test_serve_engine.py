@@ -7,6 +7,7 @@ from PIL import Image
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 from maskgil.serving.engine import Job, ar_batch, image_grid, make_generator, maskgit_batch, png_bytes, to_uint8
+from maskgil.training import cpu_compile_available
 
 
 # Smaller than the tiny presets (same vocab, classes, grid) so the suite stays fast on 2 cores.
@@ -83,6 +84,16 @@ def test_ar_batch_equals_per_request_sampler(ar, cfg):
         ref = sample_ar(ar, c, (8, 8), cfg_scale=cfg, temperature=0.9, num_tokens=20, generator=gen(s))
         assert tokens.shape == (len(c), 20)
         assert torch.equal(tokens, ref)
+
+
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
+def test_compiled_ar_batch_pads_to_a_power_of_two_and_matches_the_eager_sampler(ar):
+    """5 rows run as 8 through the compiled step; the padding rows change nothing (greedy, CFG)."""
+    jobs = [Job(c, make_generator("cpu", s)) for c, s in REQS]
+    got = ar_batch(ar, jobs, (8, 8), num_tokens=20, cfg_scale=3.0, top_k=1, compile=True)
+    for (c, s), tokens in zip(REQS, got):
+        assert torch.equal(tokens, sample_ar(ar, c, (8, 8), cfg_scale=3.0, top_k=1, num_tokens=20))
+    assert ar.__dict__["_compiled_decode_steps"]  # the compiled step was built, and is kept for the next batch
 
 
 @pytest.mark.parametrize("k", [0, 24, 64])

@@ -137,7 +137,10 @@ class HeadNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for AR decoding: (B, H, max_len, Dh), written in place."""
+    """Preallocated keys/values for AR decoding: (B, H, max_len, Dh), written in place.
+
+    Shapes never change while decoding: a step writes its positions and attends over the whole
+    buffer under a mask, so one compiled decode step serves every position."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -145,11 +148,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, positions, k, v):  # positions (T,) long; k, v (B, H, T, Dh)
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v  # (B, H, max_len, Dh); unwritten rows are masked out by the caller
 
 
 class Attention(nn.Module):
@@ -166,15 +168,16 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_start: int | None = None):
-        # x: (B, L, D); rope: (L, Dh/2, 2) for these positions; attn_mask: bool, True = may attend
+    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_positions=None):
+        # x: (B, L, D); rope: (L, Dh/2, 2) for these positions; attn_mask: bool, True = may attend;
+        # cache_positions: (L,) sequence positions of x in the KV cache (AR decoding)
         B, L, D = x.shape
         q, k, v = linear(x, self.wqkv).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, Dh)
         if self.q_norm is not None:  # QK-Norm before RoPE (Chameleon placement)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache_start is not None:
-            k, v = self.kv_cache.update(cache_start, k, v)  # (B, H, start+L, Dh)
+        if cache_positions is not None:
+            k, v = self.kv_cache.update(cache_positions, k, v)  # (B, H, max_len, Dh)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -210,8 +213,8 @@ class Block(nn.Module):
             self.attention_post_norm = self.ffn_post_norm = None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_start=None):
-        h = self.attention(self.attention_norm(x), rope, attn_mask, is_causal, cache_start)
+    def forward(self, x, rope, attn_mask=None, is_causal=False, cache_positions=None):
+        h = self.attention(self.attention_norm(x), rope, attn_mask, is_causal, cache_positions)
         if self.attention_post_norm is not None:
             h = self.attention_post_norm(h)
         x = x + self.drop(h)
@@ -289,6 +292,7 @@ class LlamaGenerator(nn.Module):
         else:
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self._rope_cache: dict = {}
+        self._decoding: dict | None = None  # KV-cache decoding state (setup_kv_cache)
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self._init_weights)
 
@@ -395,61 +399,91 @@ class LlamaGenerator(nn.Module):
         logits = self.head(h).float()  # (B, N, V) (V = sum of sub-token heads when factorised)
         return (logits, h) if return_hidden else logits
 
-    def _attn_mask(self, B, L, text_mask, device):
-        """Boolean mask (True = attend) or None; hides padded text prefix tokens as keys."""
+    def _key_mask(self, B, L, text_mask, device):
+        """(B, 1, 1, L) bool, True = a valid key, or None: hides padded text prefix tokens."""
         if text_mask is None:
             return None
         P = self.config.prefix_len
         keys = torch.ones(B, L, dtype=torch.bool, device=device)
         keys[:, : text_mask.shape[1]] = text_mask.bool()
         keys[:, P - 1] |= ~keys[:, :P].any(1)  # never leave a row with no key
-        mask = keys[:, None, None, :]  # (B, 1, 1, L)
-        if self.config.causal:
+        return keys[:, None, None, :]
+
+    def _attn_mask(self, B, L, text_mask, device):
+        """Boolean mask (True = attend) or None (then SDPA's own causal flag does the work)."""
+        mask = self._key_mask(B, L, text_mask, device)
+        if mask is not None and self.config.causal:
             mask = mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
         return mask
 
     # ------------------------------------------------------------------ AR decoding with a KV cache
     def setup_kv_cache(self, batch_size: int, grid: tuple[int, int], dtype=None, device=None):
-        """Allocate a cache for [prefix; h*w] positions. Only for causal models."""
+        """Allocate a cache for [prefix; h*w] positions and fix the decoding grid. Causal models only.
+
+        A cache of the same shape left by the previous call is reused, not reallocated: stale
+        entries sit at positions no query may see until they are overwritten, and compiled steps
+        (CUDA graphs above all) keep seeing the same buffers."""
         if not self.config.causal:
             raise RuntimeError("KV caching is for causal models; masked models decode in parallel")
         p = next(self.parameters())
+        device, dtype = torch.device(device or p.device), dtype or p.dtype
+        grid = tuple(grid)
         L = self.config.prefix_len + grid[0] * grid[1]
+        shape = (batch_size, self.config.n_heads, L, self.config.head_dim)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, self.config.n_heads, L, self.config.head_dim,
-                                               dtype or p.dtype, device or p.device)
+            old = layer.attention.kv_cache
+            if old is None or old.k.shape != shape or old.k.dtype != dtype or old.k.device.type != device.type \
+                    or device.index not in (None, old.k.device.index):
+                layer.attention.kv_cache = KVCache(*shape, dtype, device)
+        rope = self.rope(grid, device)
+        self._decoding = {"rope": rope, "key_positions": torch.arange(L, device=device), "key_mask": None}
 
     def clear_kv_cache(self):
+        """Free the cache (compiled decoding keeps it between calls for reuse)."""
         for layer in self.layers:
             layer.attention.kv_cache = None
+        self._decoding = None
 
-    def _cached_forward(self, x, start: int, grid, text_mask=None):
-        """Run embeddings x (B, T, D) at sequence positions [start, start+T) through the cached stack."""
-        B, T, _ = x.shape
-        rope = self.rope(grid, x.device)
-        rope = rope[start:start + T] if rope is not None else None
-        mask = None
-        if T > 1 or text_mask is not None:
-            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
-            mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos  # (T, start+T) causal
-            mask = mask[None, None].expand(B, 1, T, start + T).clone()
-            if text_mask is not None:
-                n = text_mask.shape[1]
-                mask[..., :n] &= text_mask.bool()[:, None, None, :]
+    def _decoding_state(self) -> dict:
+        if self._decoding is None:
+            raise RuntimeError("call setup_kv_cache(batch_size, grid) before prefill/decode")
+        return self._decoding
+
+    def _cached_forward(self, x, positions):
+        """Run embeddings x (B, T, D) at sequence positions `positions` (T,) through the cached stack.
+
+        Every shape is fixed by the cache, not by the position: queries attend over the whole
+        cache under a mask (key <= query position, text padding hidden), so a compiled step
+        serves every position without recompiling."""
+        state = self._decoding_state()
+        rope = state["rope"]
+        rope = rope.index_select(0, positions) if rope is not None else None  # (T, Dh/2, 2)
+        mask = (state["key_positions"][None, :] <= positions[:, None])[None, None]  # (1, 1, T, L)
+        if state["key_mask"] is not None:
+            mask = mask & state["key_mask"]  # (B, 1, T, L)
         for layer in self.layers:
-            x = layer(x, rope, attn_mask=mask, cache_start=start)
+            x = layer(x, rope, attn_mask=mask, cache_positions=positions)
         return self.head(self.norm(x[:, -1])).float()  # (B, V): logits for the next token
 
     @torch.no_grad()
-    def prefill(self, cond, grid, drop_cond=None, text_mask=None):
+    def prefill(self, cond, drop_cond=None, text_mask=None):
         """Write the prefix into the cache; returns logits (B, V) for image token 0."""
-        self._text_mask = text_mask
-        return self._cached_forward(self.embed_condition(cond, drop_cond), 0, grid, text_mask)
+        state = self._decoding_state()
+        x = self.embed_condition(cond, drop_cond)  # (B, P, D)
+        state["key_mask"] = self._key_mask(len(x), len(state["key_positions"]), text_mask, x.device)
+        return self._cached_forward(x, state["key_positions"][: self.config.prefix_len])
 
     @torch.no_grad()
-    def decode_tokens(self, tokens, start_index: int, grid):
+    def decode_tokens(self, tokens, start_index: int):
         """Feed image tokens (B, T) at image positions [start_index, start_index+T) into the cache.
 
         Returns logits (B, V) predicting image token start_index + T."""
-        x = self.embed_tokens(tokens)
-        return self._cached_forward(x, self.config.prefix_len + start_index, grid, getattr(self, "_text_mask", None))
+        start = self.config.prefix_len + start_index
+        positions = self._decoding_state()["key_positions"][start:start + tokens.shape[1]]  # (T,)
+        return self.decode_step(tokens, positions)
+
+    def decode_step(self, tokens, positions):
+        """tokens (B, T) at sequence positions (T,) -> logits (B, V) for the next token.
+
+        No Python-level shape depends on the position: this is the function to torch.compile."""
+        return self._cached_forward(self.embed_tokens(tokens), positions)

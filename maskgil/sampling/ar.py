@@ -6,15 +6,38 @@ import torch
 from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 
 
+def decode_step_fn(model, compile: bool | str = False):
+    """`model.decode_step`, or with `compile` its torch.compile'd version (True: inductor's default
+    mode; a string: that mode, e.g. "reduce-overhead" for CUDA graphs). The compiled step is built
+    once per model and mode and reused by every later call: its shapes depend on the batch and
+    the grid, never on the position, so a whole image decodes on one graph."""
+    if not compile:
+        return model.decode_step
+    mode = None if compile is True else compile
+    if next(model.parameters()).device.type == "cpu":
+        from maskgil.training.loop import cpu_compile_available
+
+        if not cpu_compile_available():
+            raise RuntimeError("compiled AR decoding on CPU needs a C++ compiler (g++/clang++) and the Python "
+                               "headers for torch.compile's inductor; install them or pass compile=False")
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    if mode not in steps:
+        steps[mode] = torch.compile(model.decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return steps[mode]
+
+
 @torch.no_grad()
 def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float = 1.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
               top_p: float | None = None, prefix_tokens: torch.Tensor | None = None, num_tokens: int | None = None,
-              generator: torch.Generator | None = None, text_mask=None) -> torch.Tensor:
+              generator: torch.Generator | None = None, text_mask=None, compile: bool | str = False) -> torch.Tensor:
     """Sample image tokens in raster order; returns (B, n_prefix + num_tokens).
 
     With `prefix_tokens` (B, k) the model continues after them; `num_tokens` defaults to the rest of
-    the grid. CFG runs cond and uncond rows in one batch: l_u + s (l_c - l_u). Greedy: top_k=1."""
+    the grid. CFG runs cond and uncond rows in one batch: l_u + s (l_c - l_u). Greedy: top_k=1.
+    `compile` runs each one-token step through torch.compile (see `decode_step_fn`): the first
+    call pays the compilation; later steps launch a few fused kernels instead of dozens of small
+    ones, and the KV cache stays allocated for the next call of the same shape."""
     if not model.config.causal:
         raise ValueError("AR decoding needs a causal model")
     h, w = grid = tuple(grid or model.config.grid_size)
@@ -30,11 +53,13 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
     drop[B:] = True
     cond_x = torch.cat([cond] * rows)
     tm = None if text_mask is None else torch.cat([text_mask] * rows)
+    step = decode_step_fn(model, compile)
+    seq_pos = torch.arange(N, device=device) + model.config.prefix_len  # image position -> sequence position
     model.setup_kv_cache(rows * B, grid)
     try:
-        logits = model.prefill(cond_x, grid, drop_cond=drop, text_mask=tm)  # (rows*B, V)
+        logits = model.prefill(cond_x, drop_cond=drop, text_mask=tm)  # (rows*B, V)
         if k0:
-            logits = model.decode_tokens(torch.cat([prefix_tokens.to(device)] * rows), 0, grid)
+            logits = model.decode_tokens(torch.cat([prefix_tokens.to(device)] * rows), 0)
         out = []
         for j in range(n_new):
             pos = k0 + j
@@ -42,8 +67,9 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
             tok, _ = sample_tokens(model, l, temperature, top_k, top_p, generator)  # (B,)
             out.append(tok)
             if j + 1 < n_new:
-                logits = model.decode_tokens(torch.cat([tok] * rows)[:, None], pos, grid)
+                logits = step(torch.cat([tok] * rows)[:, None], seq_pos[pos:pos + 1])  # (rows*B, V)
     finally:
-        model.clear_kv_cache()
+        if not compile:  # a compiled step keeps its cache for the next call (same buffers)
+            model.clear_kv_cache()
     new = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
     return new if k0 == 0 else torch.cat([prefix_tokens.to(device), new], 1)

@@ -14,7 +14,11 @@ from maskgil.sampling.maskgit import sample_maskgit
 def sample_fusion(ar_model, mar_model, cond, grid: tuple[int, int] | None = None, ar_tokens: int = 128,
                   mar_steps: int = 4, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, choice_temperature: float = 4.5, schedule: str = "cosine",
-                  generator: torch.Generator | None = None, text_mask=None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, text_mask=None,
+                  compile_ar: bool | str = False) -> torch.Tensor:
+    """AR writes tokens [0, ar_tokens) in raster order, MaskGIT completes the rest in `mar_steps`.
+
+    `compile_ar` compiles the AR model's decode step (see `sample_ar`)."""
     grid = tuple(grid or mar_model.config.grid_size)
     N = grid[0] * grid[1]
     if ar_model is not None and mar_model is not None and ar_model.config.vocab_size != mar_model.config.vocab_size:
@@ -24,7 +28,8 @@ def sample_fusion(ar_model, mar_model, cond, grid: tuple[int, int] | None = None
     prefix = None
     if ar_tokens > 0:
         prefix = sample_ar(ar_model, cond, grid, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                           top_p=top_p, num_tokens=ar_tokens, generator=generator, text_mask=text_mask)
+                           top_p=top_p, num_tokens=ar_tokens, generator=generator, text_mask=text_mask,
+                           compile=compile_ar)
         if ar_tokens == N:
             return prefix
     device = next(mar_model.parameters()).device

@@ -178,7 +178,9 @@ def factorize_codes(codes: torch.Tensor, bits=(9, 9)) -> torch.Tensor:
     total = sum(bits)
     if codes.is_floating_point():
         raise ValueError(f"codes must be integers, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**total):
+    # The range check reads values, which a compiled graph cannot branch on (compiled AR decoding
+    # feeds sampled, hence valid, codes); eager calls always check.
+    if codes.numel() and not torch.compiler.is_compiling() and (int(codes.min()) < 0 or int(codes.max()) >= 2**total):
         raise ValueError(f"codes must lie in [0, 2^{total}) for sub-token bits {bits}, "
                          f"got [{int(codes.min())}, {int(codes.max())}]")
     shifts = [sum(bits[j + 1 :]) for j in range(len(bits))]
