@@ -63,7 +63,7 @@ class ServeArgs(BaseModel):
     request_timeout_s: float = Field(120.0, gt=0, description="per stage; then HTTP 504")
     decoder: Literal["deployment", "ingress"] = Field("deployment", description="where tokens become images")
     compile_ar: bool = Field(False, description="torch.compile the AR decode step (CPU: needs a C++ compiler); "
-                                                "compiles at replica start and once per new power-of-two batch")
+                                                "compiles its graphs at replica start (seconds)")
     limits: Limits = Limits()
 
 
@@ -211,9 +211,11 @@ class ARModel(_Replica):
             raise ValueError(f"{path} is not a causal (AR) model")
         self.compile = compile
         self._info = {**_model_info(path, self.model, self.device), "compiled_decode": compile}
-        if compile:  # build the one-request graph (CFG on) now, not in the first caller's latency
-            job = Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0))
-            ar_batch(self.model, [job], tuple(self.model.config.grid_size), 2, cfg_scale=2.0, compile=True)
+        if compile:  # build every graph a batch can need now, not in the first callers' latency
+            grid = tuple(self.model.config.grid_size)
+            for n_jobs, cfg in ((1, 2.0), (2, 2.0), (9, 2.0), (1, 1.0)):  # 2, 4 (symbolic), 18 and 1 rows
+                jobs = [Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)]
+                ar_batch(self.model, jobs, grid, 2, cfg_scale=cfg, compile=True)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:

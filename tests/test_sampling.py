@@ -130,7 +130,8 @@ def test_kv_cache_with_text_prefix_equals_full_recomputation():
 
 def test_decode_step_compiles_to_one_graph_for_every_position_and_call():
     """The KV-cache step has position-independent shapes: one graph serves a whole image, and the
-    next image too, and its logits match the full causal forward at every position."""
+    next image too; a second batch size gets a graph with a symbolic batch, which a third reuses.
+    Its logits match the full causal forward at every position."""
     a = ar_model()
     graphs = []
 
@@ -138,17 +139,17 @@ def test_decode_step_compiles_to_one_graph_for_every_position_and_call():
         graphs.append(gm)
         return gm.forward
 
-    step = torch.compile(a.decode_step, backend=counting_backend, fullgraph=True, dynamic=False)
-    tokens, cond = torch.randint(0, 512, (3, 64), generator=gen(3)), torch.tensor([0, 7, 16])
+    step = torch.compile(a.decode_step, backend=counting_backend, fullgraph=True)  # as decode_step_fn does
     with torch.no_grad():
-        full = a(tokens, cond)  # (B, N, V): position i predicts token i from tokens < i
-        for _ in range(2):
-            a.setup_kv_cache(3, (8, 8))
+        for B, n_graphs in ((3, 1), (3, 1), (5, 2), (7, 2)):
+            tokens, cond = torch.randint(0, 512, (B, 64), generator=gen(B)), torch.arange(B) * 2
+            full = a(tokens, cond)  # (B, N, V): position i predicts token i from tokens < i
+            a.setup_kv_cache(B, (8, 8))
             cached = [a.prefill(cond)]
             cached += [step(tokens[:, i:i + 1], torch.tensor([1 + i])) for i in range(63)]
-            a.clear_kv_cache()
             torch.testing.assert_close(torch.stack(cached, 1), full, rtol=1e-4, atol=1e-4)
-    assert len(graphs) == 1
+            assert len(graphs) == n_graphs, f"batch {B}: {len(graphs)} graphs"
+        a.clear_kv_cache()
 
 
 @pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")

@@ -136,17 +136,22 @@ class HeadNorm(nn.Module):
         return (xf * self.weight).type_as(x)
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated keys/values for AR decoding: (B, H, max_len, Dh), written in place.
 
     Shapes never change while decoding: a step writes its positions and attends over the whole
-    buffer under a mask, so one compiled decode step serves every position."""
+    buffer under a mask, so one compiled decode step serves every position. Plain tensors, not
+    module buffers: torch.compile then lets the batch size vary within one graph instead of
+    compiling a graph per batch size. On CUDA they are marked as static addresses, so CUDA
+    graphs write them in place instead of copying them in at every step."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (batch, n_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if self.k.is_cuda:
+            torch._dynamo.mark_static_address(self.k, guard=False)
+            torch._dynamo.mark_static_address(self.v, guard=False)
 
     def update(self, positions, k, v):  # positions (T,) long; k, v (B, H, T, Dh)
         self.k.index_copy_(2, positions, k)

@@ -113,12 +113,8 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
              cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, compile: bool | str = False) -> list[torch.Tensor]:
     """Raster-order AR decoding of the first `num_tokens` tokens for several requests with one
-    KV cache; returns (n_j, num_tokens) per job. Mirrors `maskgil.sampling.sample_ar`.
-
-    With `compile` the decode step runs through torch.compile (`decode_step_fn`). A compiled
-    graph is specialised to its row count, so the batch is padded to a power of two: a replica
-    meets a handful of shapes, not one per batch size. Padding rows decode the null class and
-    are dropped; rows never see each other, so the real rows are unaffected."""
+    KV cache; returns (n_j, num_tokens) per job. Mirrors `maskgil.sampling.sample_ar`; `compile`
+    runs its decode step through torch.compile (`decode_step_fn`)."""
     if not model.config.causal:
         raise ValueError("AR decoding needs a causal model")
     h, w = grid
@@ -128,28 +124,25 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
     device = next(model.parameters()).device
     cond = torch.cat([j.cond for j in jobs]).to(device)
     B = len(cond)
-    Bp = 1 << (B - 1).bit_length() if compile else B  # rows the model runs, padding included
-    cond = torch.cat([cond, torch.full((Bp - B,), model.config.null_class, dtype=cond.dtype, device=device)])
     use_cfg = cfg_scale != 1.0
     rows = 2 if use_cfg else 1
-    drop = torch.zeros(rows * Bp, dtype=torch.bool, device=device)
-    drop[Bp:] = True
+    drop = torch.zeros(rows * B, dtype=torch.bool, device=device)
+    drop[B:] = True
     slices = _slices(jobs)
     step = decode_step_fn(model, compile)
     seq_pos = torch.arange(N, device=device) + model.config.prefix_len
-    pad = torch.zeros(Bp - B, dtype=torch.long, device=device)
-    model.setup_kv_cache(rows * Bp, grid)
+    model.setup_kv_cache(rows * B, grid)
     try:
-        logits = model.prefill(torch.cat([cond] * rows), drop_cond=drop)  # (rows*Bp, V)
+        logits = model.prefill(torch.cat([cond] * rows), drop_cond=drop)  # (rows*B, V)
         out = []
         for pos in range(num_tokens):
             scale = cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)
-            l = cfg_combine(logits[:B], logits[Bp:Bp + B], scale) if use_cfg else logits[:B]
+            l = cfg_combine(logits[:B], logits[B:], scale) if use_cfg else logits
             tok = torch.cat([sample_tokens(model, l[sl], temperature, top_k, top_p, j.generator)[0]
                              for j, sl in zip(jobs, slices)])  # (B,)
             out.append(tok)
             if pos + 1 < num_tokens:
-                logits = step(torch.cat([tok, pad] * rows)[:, None], seq_pos[pos:pos + 1])  # (rows*Bp, V)
+                logits = step(torch.cat([tok] * rows)[:, None], seq_pos[pos:pos + 1])  # (rows*B, V)
     finally:
         if not compile:  # a compiled step keeps its cache for the next call (same buffers)
             model.clear_kv_cache()
