@@ -10,7 +10,8 @@ Reports
   (fp32 on CPU, bf16 on GPU); goal >= 60 % on CPU for maskgil-b;
 - AR decode time per token step vs the time to read every weight once; goal <= 2x. Eager, and
   with the decode step under torch.compile (`--compile-modes`: inductor's default mode, and on a
-  GPU also "reduce-overhead", i.e. CUDA graphs); AR and fusion sampling are timed both ways too.
+  GPU also "reduce-overhead", i.e. CUDA graphs); the three samplers are timed both ways too
+  (`compile=`: the AR decode step and the MAR forward).
 """
 from __future__ import annotations
 
@@ -144,10 +145,12 @@ def main(argv=None):
                                                      cfg_scale=args.cfg, generator=g.manual_seed(0)),
         }
         for m, c in compiled.items():
+            runs[f"mar_8_compiled_{m}"] = lambda c=c: sample_maskgit(mar, cond, grid, steps=8, cfg_scale=args.cfg, compile=c,
+                                                                     generator=g.manual_seed(0))
             runs[f"ar_{N}_compiled_{m}"] = lambda c=c: sample_ar(ar, cond, grid, cfg_scale=args.cfg, compile=c,
                                                                   generator=g.manual_seed(0))
             runs[f"fusion_k{k}_m4_compiled_{m}"] = lambda c=c: sample_fusion(
-                ar, mar, cond, grid, ar_tokens=k, mar_steps=4, cfg_scale=args.cfg, compile_ar=c, generator=g.manual_seed(0))
+                ar, mar, cond, grid, ar_tokens=k, mar_steps=4, cfg_scale=args.cfg, compile=c, generator=g.manual_seed(0))
         for name, fn in runs.items():
             s = timeit(fn, args.repeat, sync)  # the warm-up call pays any compilation
             out["sampling"][f"{name}_batch{B}"] = {"seconds": round(s, 4), "images_per_s": round(B / s, 3),
@@ -160,8 +163,9 @@ def main(argv=None):
     }
     for m in compiled:
         for B in [int(b) for b in args.batches.split(",")]:
-            out["ratios"][f"ar_compiled_{m}_vs_eager_speedup_batch{B}"] = round(
-                sp[f"ar_{N}_batch{B}"]["seconds"] / sp[f"ar_{N}_compiled_{m}_batch{B}"]["seconds"], 2)
+            for name in ("mar_8", f"ar_{N}", f"fusion_k{k}_m4"):
+                out["ratios"][f"{name}_compiled_{m}_vs_eager_speedup_batch{B}"] = round(
+                    sp[f"{name}_batch{B}"]["seconds"] / sp[f"{name}_compiled_{m}_batch{B}"]["seconds"], 2)
 
     # ---- FLOP/s of one full bidirectional forward at batch 16 vs measured matmul peak
     Bf = 16

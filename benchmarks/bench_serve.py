@@ -3,7 +3,7 @@ fusion requests at several concurrencies, with dynamic batching on and off, in o
 
     python benchmarks/bench_serve.py                       # tiny presets, random weights
     python benchmarks/bench_serve.py --mar DIR --ar DIR --tokenizer DIR --out bench_serve.json
-    python benchmarks/bench_serve.py --modes ar fusion --compare-compile   # + AR replicas with compile_ar
+    python benchmarks/bench_serve.py --compare-compile     # + replicas with `compile: true`
 
 Goal (issue 7): with batching, MAR throughput at concurrency 32 >= 4x concurrency 1 on the tiny
 preset, with zero failed requests. Each cell is bounded by a request count and a time limit.
@@ -122,7 +122,7 @@ def main():
     p.add_argument("--compare-decoder", action="store_true",
                    help="also run MAR cells with the decoder in the other placement (batching on)")
     p.add_argument("--compare-compile", action="store_true",
-                   help="also run AR and fusion (batching on) with compile_ar: the compiled AR decode step")
+                   help="also run every mode (batching on) with `compile: true`: compiled AR decode step and MAR forward")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     p.add_argument("--port", type=int, default=18801, help="Serve HTTP port (loopback)")
     p.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
@@ -148,9 +148,9 @@ def main():
     report = {"setup": {"cpus_visible": os.cpu_count(), "load_avg_start": os.getloadavg(), **vars(a), **paths},
               "engine_scaling_mar": report_scaling, "cells": []}
 
-    def deploy(batch: int, decoder: str, compile_ar: bool):
+    def deploy(batch: int, decoder: str, compiled: bool):
         serve.run(app({**paths, "max_batch_size": batch, "decoder": decoder, "max_ongoing_requests": 64,
-                       "max_queued_requests": 256, "compile_ar": compile_ar}), name="maskgil", route_prefix="/")
+                       "max_queued_requests": 256, "compile": compiled}), name="maskgil", route_prefix="/")
 
     plan = [("on", a.max_batch_size, a.decoder, False), ("off", 1, a.decoder, False)]
     if a.compare_decoder:
@@ -158,17 +158,15 @@ def main():
     if a.compare_compile:
         plan.append(("on", a.max_batch_size, a.decoder, True))
     try:
-        for batching, batch, decoder, compile_ar in plan:
-            deploy(batch, decoder, compile_ar)
+        for batching, batch, decoder, compiled in plan:
+            deploy(batch, decoder, compiled)
             modes = a.modes if decoder == a.decoder else ["mar"]
-            if compile_ar:
-                modes = [m for m in modes if m != "mar"]  # MAR-only requests never reach the AR replica
             for mode in modes:
                 body = {"cfg_scale": a.cfg_scale, "output": "png", **MODES[mode]}
                 asyncio.run(run_cell(url, body, 2, 4, 30))  # warm-up
                 for c in a.concurrency:
                     cell = asyncio.run(run_cell(url, body, c, max(a.requests, 2 * c), a.max_seconds))
-                    cell.update(mode=mode, batching=batching, decoder=decoder, compile_ar=compile_ar)
+                    cell.update(mode=mode, batching=batching, decoder=decoder, compiled=compiled)
                     report["cells"].append(cell)
                     print(json.dumps(cell), file=sys.stderr, flush=True)
     finally:
@@ -176,10 +174,10 @@ def main():
         ray.shutdown()
         tmp.cleanup()
 
-    def rps(mode, batching, c, decoder=a.decoder, compile_ar=False):
+    def rps(mode, batching, c, decoder=a.decoder, compiled=False):
         for cell in report["cells"]:
-            if (cell["mode"], cell["batching"], cell["concurrency"], cell["decoder"], cell["compile_ar"]) == \
-                    (mode, batching, c, decoder, compile_ar):
+            if (cell["mode"], cell["batching"], cell["concurrency"], cell["decoder"], cell["compiled"]) == \
+                    (mode, batching, c, decoder, compiled):
                 return cell["requests_per_s"]
 
     lo, hi = min(a.concurrency), max(a.concurrency)
@@ -189,10 +187,10 @@ def main():
             r1, rN = rps(mode, batching, lo), rps(mode, batching, hi)
             summary[f"{mode}_batching_{batching}_speedup_c{hi}_over_c{lo}"] = round(rN / r1, 2) if r1 and rN else None
     if a.compare_compile:
-        for mode in (m for m in a.modes if m != "mar"):
+        for mode in a.modes:
             for c in a.concurrency:
-                r0, r1 = rps(mode, "on", c), rps(mode, "on", c, compile_ar=True)
-                summary[f"{mode}_compiled_ar_speedup_c{c}"] = round(r1 / r0, 2) if r0 and r1 else None
+                r0, r1 = rps(mode, "on", c), rps(mode, "on", c, compiled=True)
+                summary[f"{mode}_compiled_speedup_c{c}"] = round(r1 / r0, 2) if r0 and r1 else None
     total_failed = sum(cell["failed"] for cell in report["cells"])
     speedup = summary.get(f"mar_batching_on_speedup_c{hi}_over_c{lo}")
     summary["goal_mar_speedup_ge_4x_zero_failures"] = bool(speedup and speedup >= 4 and total_failed == 0)

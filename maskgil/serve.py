@@ -62,8 +62,8 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="waiting beyond that -> HTTP 503; -1 = unbounded")
     request_timeout_s: float = Field(120.0, gt=0, description="per stage; then HTTP 504")
     decoder: Literal["deployment", "ingress"] = Field("deployment", description="where tokens become images")
-    compile_ar: bool = Field(False, description="torch.compile the AR decode step (CPU: needs a C++ compiler); "
-                                                "compiles its graphs at replica start (seconds)")
+    compile: bool = Field(False, description="torch.compile the AR decode step and the MAR forward (CPU: needs a "
+                                             "C++ compiler); replicas build their graphs at start (seconds)")
     limits: Limits = Limits()
 
 
@@ -169,14 +169,20 @@ class MARModel(_Replica):
     """A masked generator: completes token grids with MaskGIT decoding."""
 
     def __init__(self, path: str, device: str = "auto", threads: int = 1, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005):
+                 batch_wait_timeout_s: float = 0.005, compile: bool = False):
         from maskgil.checkpoint import load_pretrained
 
         self._setup(device, threads, max_batch_size, batch_wait_timeout_s)
         self.model = load_pretrained(path, map_location=self.device)
         if self.model.mask_token_id is None:
             raise ValueError(f"{path} is not a masked model (causal={self.model.config.causal})")
-        self._info = _model_info(path, self.model, self.device)
+        self.compile = compile
+        self._info = {**_model_info(path, self.model, self.device), "compiled": compile}
+        if compile:  # build every graph a batch can need now: 2, 4 (symbolic batch) and 1 rows
+            grid = tuple(self.model.config.grid_size)
+            for n_jobs, cfg in ((1, 2.0), (2, 2.0), (1, 1.0)):
+                jobs = [Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)]
+                maskgit_batch(self.model, jobs, grid, steps=1, cfg_scale=cfg, compile=True)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:
@@ -193,7 +199,7 @@ class MARModel(_Replica):
             jobs.append(Job(cond, gen, g.get("init_tokens")))
         tokens = maskgit_batch(self.model, jobs, it["grid"], steps=it["steps"], temperature=it["temperature"],
                                top_k=it["top_k"], choice_temperature=it["choice_temperature"],
-                               cfg_scale=it["cfg_scale"], cfg_schedule=it["cfg_schedule"])
+                               cfg_scale=it["cfg_scale"], cfg_schedule=it["cfg_schedule"], compile=self.compile)
         return [{"tokens": t.cpu()} for t in tokens]
 
 
@@ -210,7 +216,7 @@ class ARModel(_Replica):
         if not self.model.config.causal:
             raise ValueError(f"{path} is not a causal (AR) model")
         self.compile = compile
-        self._info = {**_model_info(path, self.model, self.device), "compiled_decode": compile}
+        self._info = {**_model_info(path, self.model, self.device), "compiled": compile}
         if compile:  # build every graph a batch can need now, not in the first callers' latency
             grid = tuple(self.model.config.grid_size)
             for n_jobs, cfg in ((1, 2.0), (2, 2.0), (9, 2.0), (1, 1.0)):  # 2, 4 (symbolic), 18 and 1 rows
@@ -468,8 +474,8 @@ def app(args: ServeArgs) -> Application:
                 max_ongoing_requests=max(args.max_ongoing_requests, 2 * args.max_batch_size),
                 autoscaling_config={"min_replicas": 1, "max_replicas": args.max_replicas,
                                     "target_ongoing_requests": max(2, args.max_batch_size)})
-    ar_app = ARModel.options(**opts).bind(ar, **replica, compile=args.compile_ar)
-    mar_app = MARModel.options(**opts).bind(mar, **replica)
+    ar_app = ARModel.options(**opts).bind(ar, **replica, compile=args.compile)
+    mar_app = MARModel.options(**opts).bind(mar, **replica, compile=args.compile)
     dec_app = Decoder.options(**opts).bind(tok, **replica) if args.decoder == "deployment" else None
     ingress = Fusion.options(max_ongoing_requests=args.max_ongoing_requests,
                              max_queued_requests=args.max_queued_requests)

@@ -84,6 +84,15 @@ def test_compiled_ar_decoding_on_gpu_equals_eager(mode):
     model.clear_kv_cache()
 
 
+def test_compiled_maskgit_sampling_on_gpu_equals_eager():
+    torch.manual_seed(4)
+    model = build_model("maskgil-tiny", vocab_size=512, num_classes=16, grid_size=GRID).to(CUDA).eval()
+    cond = torch.tensor([0, 5, 15], device=CUDA)
+    run = lambda **kw: sample_maskgit(model, cond, cfg_scale=2.0, top_k=1,  # noqa: E731
+                                      generator=torch.Generator(device=CUDA).manual_seed(0), **kw)
+    torch.testing.assert_close(run(compile=True), run())
+
+
 def test_maskgit_sampling_on_gpu_reveals_every_token():
     torch.manual_seed(1)
     model = build_model("maskgil-tiny", vocab_size=512, num_classes=16, grid_size=GRID).to(CUDA).eval()

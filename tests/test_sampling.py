@@ -161,8 +161,24 @@ def test_compiled_ar_decoding_equals_full_recomputation():
     m = mar_model()  # fusion: the compiled AR prefix (on the cache the call above left), then MAR
     eager = sample_fusion(a, m, c, ar_tokens=20, mar_steps=4, cfg_scale=2.0, top_k=1, generator=gen(5))
     compiled = sample_fusion(a, m, c, ar_tokens=20, mar_steps=4, cfg_scale=2.0, top_k=1, generator=gen(5),
-                             compile_ar=True)
+                             compile=True)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
+def test_compiled_maskgit_decoding_equals_eager():
+    """The compiled forward reveals the same tokens as the eager one, step for step, and still
+    refuses an out-of-range class id (checked before the graph, which cannot raise on values)."""
+    m = mar_model()
+    c = torch.tensor([1, 14, 16])  # 16: the null class
+    for B in (3, 2):  # a second batch size: the graph with a symbolic batch
+        eager, compiled = [], []
+        sample_maskgit(m, c[:B], steps=8, cfg_scale=2.0, top_k=1, generator=gen(7), trace=eager)
+        sample_maskgit(m, c[:B], steps=8, cfg_scale=2.0, top_k=1, generator=gen(7), trace=compiled, compile=True)
+        for e, k in zip(eager, compiled, strict=True):
+            assert torch.equal(e["revealed"], k["revealed"]) and torch.equal(e["tokens"], k["tokens"])
+    with pytest.raises(ValueError, match="class ids"):
+        sample_maskgit(m, torch.tensor([17]), compile=True)
 
 
 def test_compiled_ar_decoding_without_a_compiler_says_so(monkeypatch):

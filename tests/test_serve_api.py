@@ -140,17 +140,20 @@ def test_serve_config_files(name, ckpts):
 
 
 @pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
-def test_ar_replica_with_compiled_decoding(ckpts):
-    """`compile_ar`: the replica compiles at start and its batches write the eager replica's tokens."""
-    from maskgil.serve import ARModel
+def test_replicas_with_compile(ckpts):
+    """Serve's `compile`: AR and MAR replicas compile at start, and their batches write the tokens
+    of eager replicas (greedy, so float noise cannot flip a draw)."""
+    from maskgil.serve import ARModel, MARModel
 
-    eager, compiled = (ARModel.func_or_class(str(ckpts / "llamagen"), device="cpu", compile=c) for c in (False, True))
-    assert compiled.model.__dict__.get("_compiled_decode_steps")  # built in the constructor
-    assert compiled._info["compiled_decode"] and not eager._info["compiled_decode"]
-    group = [{"class_id": c, "num_images": n, "seed": s, "grid": (8, 8), "ar_tokens": 32, "cfg_scale": 2.0,
-              "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1} for c, n, s in ((3, 2, 1), (9, 1, 2))]
-    for want, got in zip(eager._compute(group), compiled._compute(group)):
-        assert torch.equal(got["tokens"], want["tokens"])
+    base = {"grid": (8, 8), "cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": 1}
+    group = [{**base, "class_id": c, "num_images": n, "seed": s, "ar_tokens": 32, "steps": 8, "choice_temperature": 4.5}
+             for c, n, s in ((3, 2, 1), (9, 1, 2))]
+    for cls, name in ((ARModel, "llamagen"), (MARModel, "maskgil")):
+        eager, compiled = (cls.func_or_class(str(ckpts / name), device="cpu", compile=c) for c in (False, True))
+        assert compiled.model.__dict__.get("_compiled_methods")  # built in the constructor
+        assert compiled._info["compiled"] and not eager._info["compiled"]
+        for want, got in zip(eager._compute(group), compiled._compute(group), strict=True):
+            assert torch.equal(got["tokens"], want["tokens"]), name
 
 
 class FakeResponse:

@@ -229,6 +229,14 @@ class Block(nn.Module):
         return x + self.drop(h)
 
 
+def check_class_ids(labels: torch.Tensor, num_classes: int):
+    """Class conditioning takes integer ids (B,) in [0, num_classes]; num_classes is the null class."""
+    if labels.dtype.is_floating_point or labels.dim() != 1:
+        raise ValueError(f"class conditioning expects integer labels (B,), got {labels.dtype} {tuple(labels.shape)}")
+    if ((labels < 0) | (labels > num_classes)).any():
+        raise ValueError(f"class ids must be in [0, {num_classes}] ({num_classes} = null)")
+
+
 class ClassEmbedding(nn.Module):
     """Class table with a null row (index num_classes) used for CFG's unconditional branch."""
 
@@ -238,10 +246,8 @@ class ClassEmbedding(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels, drop=None):  # labels (B,) -> (B, 1, D)
-        if labels.dtype.is_floating_point or labels.dim() != 1:
-            raise ValueError(f"class conditioning expects integer labels (B,), got {labels.dtype} {tuple(labels.shape)}")
-        if ((labels < 0) | (labels > self.num_classes)).any():
-            raise ValueError(f"class ids must be in [0, {self.num_classes}] ({self.num_classes} = null)")
+        if not torch.compiler.is_compiling():  # a graph cannot branch on values: compiled callers check first
+            check_class_ids(labels, self.num_classes)
         if drop is None and self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
         if drop is not None:

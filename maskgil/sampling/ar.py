@@ -3,29 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from maskgil.sampling.compiled import compiled_method
 from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 
 
 def decode_step_fn(model, compile: bool | str = False):
-    """`model.decode_step`, or with `compile` its torch.compile'd version (True: inductor's default
-    mode; a string: that mode, e.g. "reduce-overhead" for CUDA graphs). The compiled step is built
-    once per model and mode and reused by every later call. Its shapes never depend on the
-    position, so a whole image decodes on one graph; the first batch size gets a graph of its own,
-    the next one a graph with a symbolic batch that serves the rest (one row, and more than 16
-    rows, where `linear` takes another path, get one more each)."""
-    if not compile:
-        return model.decode_step
-    mode = None if compile is True else compile
-    if next(model.parameters()).device.type == "cpu":
-        from maskgil.training.loop import cpu_compile_available
-
-        if not cpu_compile_available():
-            raise RuntimeError("compiled AR decoding on CPU needs a C++ compiler (g++/clang++) and the Python "
-                               "headers for torch.compile's inductor; install them or pass compile=False")
-    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    if mode not in steps:
-        steps[mode] = torch.compile(model.decode_step, mode=mode, fullgraph=True)
-    return steps[mode]
+    """`model.decode_step`, compiled with `compile` (see `compiled_method`). Its shapes never
+    depend on the position, so a whole image decodes on one graph; more than 16 rows get one
+    more graph, because `linear` takes another path there."""
+    return compiled_method(model, "decode_step", compile)
 
 
 @torch.no_grad()

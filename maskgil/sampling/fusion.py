@@ -15,10 +15,10 @@ def sample_fusion(ar_model, mar_model, cond, grid: tuple[int, int] | None = None
                   mar_steps: int = 4, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, choice_temperature: float = 4.5, schedule: str = "cosine",
                   generator: torch.Generator | None = None, text_mask=None,
-                  compile_ar: bool | str = False) -> torch.Tensor:
+                  compile: bool | str = False) -> torch.Tensor:
     """AR writes tokens [0, ar_tokens) in raster order, MaskGIT completes the rest in `mar_steps`.
 
-    `compile_ar` compiles the AR model's decode step (see `sample_ar`)."""
+    `compile` compiles the AR model's decode step and the MAR model's forward (`compiled_method`)."""
     grid = tuple(grid or mar_model.config.grid_size)
     N = grid[0] * grid[1]
     if ar_model is not None and mar_model is not None and ar_model.config.vocab_size != mar_model.config.vocab_size:
@@ -29,7 +29,7 @@ def sample_fusion(ar_model, mar_model, cond, grid: tuple[int, int] | None = None
     if ar_tokens > 0:
         prefix = sample_ar(ar_model, cond, grid, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                            top_p=top_p, num_tokens=ar_tokens, generator=generator, text_mask=text_mask,
-                           compile=compile_ar)
+                           compile=compile)
         if ar_tokens == N:
             return prefix
     device = next(mar_model.parameters()).device
@@ -38,4 +38,4 @@ def sample_fusion(ar_model, mar_model, cond, grid: tuple[int, int] | None = None
         init[:, :ar_tokens] = prefix
     return sample_maskgit(mar_model, cond, grid, steps=mar_steps, schedule=schedule, temperature=temperature,
                           top_k=top_k, choice_temperature=choice_temperature, cfg_scale=cfg_scale,
-                          init_tokens=init, generator=generator, text_mask=text_mask)
+                          init_tokens=init, generator=generator, text_mask=text_mask, compile=compile)

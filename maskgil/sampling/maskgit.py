@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import torch
 
+from maskgil.models.llama import check_class_ids
+from maskgil.sampling.compiled import compiled_method
 from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 from maskgil.sampling.schedules import masked_after_steps
 
 
-def guided_logits(model, tokens, cond, grid, scale: float, text_mask=None):
-    """Logits (B, N, V) with classifier-free guidance, cond and uncond in one batched forward."""
+def guided_logits(model, tokens, cond, grid, scale: float, text_mask=None, compile: bool | str = False):
+    """Logits (B, N, V) with classifier-free guidance, cond and uncond in one batched forward.
+
+    `compile` runs the forward through torch.compile (`compiled_method`); class ids are then
+    checked here, since a compiled graph cannot raise on values."""
     B = tokens.shape[0]
+    forward = compiled_method(model, "forward", compile)
+    if compile and not cond.dtype.is_floating_point:
+        check_class_ids(cond, model.config.num_classes)
     no_drop = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     if scale == 1.0:
-        return model(tokens, cond, grid, drop_cond=no_drop, text_mask=text_mask)
-    both = model(torch.cat([tokens, tokens]), torch.cat([cond, cond]), grid,
-                 drop_cond=torch.cat([no_drop, ~no_drop]),
-                 text_mask=None if text_mask is None else torch.cat([text_mask, text_mask]))
+        return forward(tokens, cond, grid, drop_cond=no_drop, text_mask=text_mask)
+    both = forward(torch.cat([tokens, tokens]), torch.cat([cond, cond]), grid,
+                   drop_cond=torch.cat([no_drop, ~no_drop]),
+                   text_mask=None if text_mask is None else torch.cat([text_mask, text_mask]))
     return cfg_combine(both[:B], both[B:], scale)
 
 
@@ -34,11 +42,13 @@ def gumbel_noise(shape, generator=None, device=None) -> torch.Tensor:
 def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int = 8, schedule: str = "cosine",
                    temperature: float = 1.0, top_k: int | None = None, choice_temperature: float = 4.5,
                    cfg_scale: float = 1.0, cfg_schedule: str = "constant", init_tokens: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, text_mask=None, trace: list | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, text_mask=None, trace: list | None = None,
+                   compile: bool | str = False) -> torch.Tensor:
     """Decode a (B, h*w) token grid for conditions `cond` ((B,) class ids or (B, L, Dt) text features).
 
     `init_tokens` (B, h*w): pre-filled tokens are kept; positions holding the mask id (or any
-    negative value) are unknown. `trace`, if a list, receives one dict per step for inspection."""
+    negative value) are unknown. `trace`, if a list, receives one dict per step for inspection.
+    `compile` runs the model's forward through torch.compile (every step has the same shapes)."""
     mask_id = model.mask_token_id
     if mask_id is None:
         raise ValueError("MaskGIT decoding needs a masked (bidirectional) model")
@@ -59,7 +69,8 @@ def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int 
         if not unknown.any():
             break
         progress = (i + 1) / steps
-        logits = guided_logits(model, tokens, cond, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask)
+        logits = guided_logits(model, tokens, cond, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask,
+                               compile)
         sampled, logp = sample_tokens(model, logits, temperature, top_k, generator=generator)  # (B, N) each
         noise = gumbel_noise((B, N), generator, device) * (choice_temperature * (1.0 - progress))
         confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))

@@ -56,12 +56,13 @@ def _slices(jobs: list[Job]) -> list[slice]:
 @torch.no_grad()
 def maskgit_batch(model, jobs: list[Job], grid: tuple[int, int], steps: int = 8, schedule: str = "cosine",
                   temperature: float = 1.0, top_k: int | None = None, choice_temperature: float = 4.5,
-                  cfg_scale: float = 1.0, cfg_schedule: str = "constant") -> list[torch.Tensor]:
+                  cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+                  compile: bool | str = False) -> list[torch.Tensor]:
     """MaskGIT decoding of several requests, one batched forward per step; returns (n_j, h*w) per job.
 
     Mirrors `maskgil.sampling.sample_maskgit` step for step (same schedule, confidence, reveal
     rule); a job stops drawing random numbers when it has no unknown token left, as the
-    single-request sampler stops its loop."""
+    single-request sampler stops its loop. `compile`: the forward runs through torch.compile."""
     mask_id = model.mask_token_id
     if mask_id is None:
         raise ValueError("MaskGIT decoding needs a masked (bidirectional) model")
@@ -88,7 +89,8 @@ def maskgit_batch(model, jobs: list[Job], grid: tuple[int, int], steps: int = 8,
         progress = (i + 1) / steps
         x = torch.cat([tokens[k] for k in active])  # (B_active, N)
         c = torch.cat([conds[k] for k in active])
-        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule))  # (B_active, N, V)
+        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule),
+                               compile=compile)  # (B_active, N, V)
         for k, sl in zip(active, _slices([jobs[k] for k in active])):
             g = jobs[k].generator
             sampled, logp = sample_tokens(model, logits[sl], temperature, top_k, generator=g)  # (n, N) each
