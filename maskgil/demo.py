@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--ar-share", type=float, default=0.5, help="fraction of tokens the AR model writes in fusion")
     p.add_argument("--fusion-steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models (needs g++ on CPU); each sampler is timed after a warm-up call")
     args = p.parse_args(argv)
 
     mar, ar = load_pair(args.preset, args.mar, args.ar)
@@ -44,17 +46,21 @@ def main(argv=None):
     k = round(args.ar_share * n)
     cond = torch.arange(args.batch) % mar.config.num_classes
     runs = {
-        f"mar-{args.steps}": lambda g: sample_maskgit(mar, cond, grid, steps=args.steps, cfg_scale=args.cfg, generator=g),
-        f"ar-{n}": lambda g: sample_ar(ar, cond, grid, cfg_scale=args.cfg, generator=g),
+        f"mar-{args.steps}": lambda g: sample_maskgit(mar, cond, grid, steps=args.steps, cfg_scale=args.cfg, generator=g,
+                                                          compile=args.compile),
+        f"ar-{n}": lambda g: sample_ar(ar, cond, grid, cfg_scale=args.cfg, generator=g, compile=args.compile),
         f"fusion-k{k}-m{args.fusion_steps}": lambda g: sample_fusion(ar, mar, cond, grid, ar_tokens=k,
                                                                      mar_steps=args.fusion_steps, cfg_scale=args.cfg,
-                                                                     generator=g),
+                                                                     generator=g, compile=args.compile),
     }
     print(f"preset {args.preset}: MAR {sum(p.numel() for p in mar.parameters()) / 1e6:.1f}M params, "
           f"AR {sum(p.numel() for p in ar.parameters()) / 1e6:.1f}M params, grid {grid[0]}x{grid[1]}, "
-          f"batch {args.batch}, CFG {args.cfg}" + ("" if args.mar else " (random weights)"))
+          f"batch {args.batch}, CFG {args.cfg}" + ("" if args.mar else " (random weights)")
+          + (", compiled (timed after a warm-up call)" if args.compile else ""))
     report = {}
     for name, fn in runs.items():
+        if args.compile:
+            fn(torch.Generator().manual_seed(args.seed))  # pays the compilation
         t = time.perf_counter()
         tokens = fn(torch.Generator().manual_seed(args.seed))
         dt = time.perf_counter() - t

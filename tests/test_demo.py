@@ -1,10 +1,17 @@
 import json
 
+import pytest
+
 from maskgil.demo import main
+from maskgil.training import cpu_compile_available
+
+COMPILE = pytest.param(["--compile"], id="compiled", marks=pytest.mark.skipif(
+    not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU"))
 
 
-def test_demo_runs_all_three_samplers(capsys):
-    main(["--batch", "2", "--steps", "4", "--fusion-steps", "2"])
+@pytest.mark.parametrize("extra", [pytest.param([], id="eager"), COMPILE])
+def test_demo_runs_all_three_samplers(capsys, extra):
+    main(["--batch", "2", "--steps", "4", "--fusion-steps", "2", *extra])
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert set(report) == {"mar-4", "ar-64", "fusion-k32-m2"}

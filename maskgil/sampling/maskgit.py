@@ -22,8 +22,11 @@ def guided_logits(model, tokens, cond, grid, scale: float, text_mask=None, compi
     checked here, since a compiled graph cannot raise on values."""
     B = tokens.shape[0]
     forward = compiled_method(model, "forward", compile)
-    if compile and not cond.dtype.is_floating_point:
-        check_class_ids(cond, model.config.num_classes)
+    if compile:
+        if not cond.dtype.is_floating_point:
+            check_class_ids(cond, model.config.num_classes)
+        if hasattr(model, "rope"):  # fill the RoPE table cache outside the graph: inside, it costs a recompile
+            model.rope(tuple(grid), tokens.device)
     no_drop = torch.zeros(B, dtype=torch.bool, device=tokens.device)
     if scale == 1.0:
         return forward(tokens, cond, grid, drop_cond=no_drop, text_mask=text_mask)
