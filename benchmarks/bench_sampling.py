@@ -16,6 +16,7 @@ Reports
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -24,7 +25,7 @@ import torch
 
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
-from maskgil.sampling.ar import decode_step_fn
+from maskgil.sampling.compiled import compiled_method
 
 
 def timeit(fn, repeat: int, sync) -> float:
@@ -106,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=1, help="timed repetitions per figure (best is reported)")
     ap.add_argument("--compile-modes", default=None,
-                    help="comma list of torch.compile modes for the AR decode step ('default', 'reduce-overhead'); "
+                    help="comma list of torch.compile modes for the samplers ('default', 'reduce-overhead'); "
                          "'' for eager only. Default: 'default' on CPU, 'default,reduce-overhead' on CUDA")
     args = ap.parse_args(argv)
 
@@ -127,7 +128,7 @@ def main(argv=None):
         from maskgil.training import cpu_compile_available
 
         if not cpu_compile_available():
-            print("no C++ compiler: compiled AR decoding is not measured")
+            print("no C++ compiler: compiled sampling is not measured")
             modes = []
     compiled = {m: (True if m == "default" else m) for m in modes}  # name -> sample_ar's `compile`
     out = {"preset": args.preset, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -138,19 +139,17 @@ def main(argv=None):
     for B in [int(b) for b in args.batches.split(",")]:
         cond = torch.arange(B, device=device) % mar.config.num_classes
         g = torch.Generator(device=device)
-        runs = {
-            "mar_8": lambda: sample_maskgit(mar, cond, grid, steps=8, cfg_scale=args.cfg, generator=g.manual_seed(0)),
-            f"ar_{N}": lambda: sample_ar(ar, cond, grid, cfg_scale=args.cfg, generator=g.manual_seed(0)),
-            f"fusion_k{k}_m4": lambda: sample_fusion(ar, mar, cond, grid, ar_tokens=k, mar_steps=4,
-                                                     cfg_scale=args.cfg, generator=g.manual_seed(0)),
+        samplers = {  # name -> sampler taking `compile`
+            "mar_8": lambda c: sample_maskgit(mar, cond, grid, steps=8, cfg_scale=args.cfg, compile=c,
+                                              generator=g.manual_seed(0)),
+            f"ar_{N}": lambda c: sample_ar(ar, cond, grid, cfg_scale=args.cfg, compile=c, generator=g.manual_seed(0)),
+            f"fusion_k{k}_m4": lambda c: sample_fusion(ar, mar, cond, grid, ar_tokens=k, mar_steps=4, cfg_scale=args.cfg,
+                                                       compile=c, generator=g.manual_seed(0)),
         }
-        for m, c in compiled.items():
-            runs[f"mar_8_compiled_{m}"] = lambda c=c: sample_maskgit(mar, cond, grid, steps=8, cfg_scale=args.cfg, compile=c,
-                                                                     generator=g.manual_seed(0))
-            runs[f"ar_{N}_compiled_{m}"] = lambda c=c: sample_ar(ar, cond, grid, cfg_scale=args.cfg, compile=c,
-                                                                  generator=g.manual_seed(0))
-            runs[f"fusion_k{k}_m4_compiled_{m}"] = lambda c=c: sample_fusion(
-                ar, mar, cond, grid, ar_tokens=k, mar_steps=4, cfg_scale=args.cfg, compile=c, generator=g.manual_seed(0))
+        runs = {}
+        for name, sampler in samplers.items():
+            runs[name] = functools.partial(sampler, False)
+            runs.update({f"{name}_compiled_{m}": functools.partial(sampler, c) for m, c in compiled.items()})
         for name, fn in runs.items():
             s = timeit(fn, args.repeat, sync)  # the warm-up call pays any compilation
             out["sampling"][f"{name}_batch{B}"] = {"seconds": round(s, 4), "images_per_s": round(B / s, 3),
@@ -184,7 +183,7 @@ def main(argv=None):
     out["ar_decode"] = {"weight_read_seconds": round(read, 5), "goal": "<= 2.0",
                         "weights_mb": round(sum(p.numel() * p.element_size() for p in ar.parameters()) / 2**20, 1)}
     for name, c in {"eager": False, **{f"compiled_{m}": c for m, c in compiled.items()}}.items():
-        step = decode_step_seconds(ar, grid, decode_step_fn(ar, c), sync)
+        step = decode_step_seconds(ar, grid, compiled_method(ar, "decode_step", c), sync)
         out["ar_decode"][name] = {"seconds_per_token_step": round(step, 5), "ratio": round(step / read, 2)}
     print(json.dumps(out, indent=2))
     return out

@@ -140,7 +140,7 @@ def test_decode_step_compiles_to_one_graph_for_every_position_and_call():
         graphs.append(gm)
         return gm.forward
 
-    step = torch.compile(a.decode_step, backend=counting_backend, fullgraph=True)  # as decode_step_fn does
+    step = torch.compile(a.decode_step, backend=counting_backend, fullgraph=True)  # as compiled_method does
     with torch.no_grad():
         for B, n_graphs in ((3, 1), (3, 1), (5, 2), (7, 2)):
             tokens, cond = torch.randint(0, 512, (B, 64), generator=gen(B)), torch.arange(B) * 2

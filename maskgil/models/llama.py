@@ -437,14 +437,13 @@ class LlamaGenerator(nn.Module):
         if not self.config.causal:
             raise RuntimeError("KV caching is for causal models; masked models decode in parallel")
         p = next(self.parameters())
-        device, dtype = torch.device(device or p.device), dtype or p.dtype
+        device, dtype = torch.device(device) if device is not None else p.device, dtype or p.dtype
         grid = tuple(grid)
         L = self.config.prefix_len + grid[0] * grid[1]
         shape = (batch_size, self.config.n_heads, L, self.config.head_dim)
         for layer in self.layers:
             old = layer.attention.kv_cache
-            if old is None or old.k.shape != shape or old.k.dtype != dtype or old.k.device.type != device.type \
-                    or device.index not in (None, old.k.device.index):
+            if old is None or (old.k.shape, old.k.dtype, old.k.device) != (shape, dtype, device):
                 layer.attention.kv_cache = KVCache(*shape, dtype, device)
         rope = self.rope(grid, device)
         self._decoding = {"rope": rope, "key_positions": torch.arange(L, device=device), "key_mask": None}

@@ -7,13 +7,6 @@ from maskgil.sampling.compiled import compiled_method
 from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 
 
-def decode_step_fn(model, compile: bool | str = False):
-    """`model.decode_step`, compiled with `compile` (see `compiled_method`). Its shapes never
-    depend on the position, so a whole image decodes on one graph; more than 16 rows get one
-    more graph, because `linear` takes another path there."""
-    return compiled_method(model, "decode_step", compile)
-
-
 @torch.no_grad()
 def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float = 1.0,
               cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
@@ -23,7 +16,7 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
 
     With `prefix_tokens` (B, k) the model continues after them; `num_tokens` defaults to the rest of
     the grid. CFG runs cond and uncond rows in one batch: l_u + s (l_c - l_u). Greedy: top_k=1.
-    `compile` runs each one-token step through torch.compile (see `decode_step_fn`): the first
+    `compile` runs each one-token step through torch.compile (`compiled_method`): the first
     call pays the compilation; later steps launch a few fused kernels instead of dozens of small
     ones, and the KV cache stays allocated for the next call of the same shape."""
     if not model.config.causal:
@@ -41,7 +34,7 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
     drop[B:] = True
     cond_x = torch.cat([cond] * rows)
     tm = None if text_mask is None else torch.cat([text_mask] * rows)
-    step = decode_step_fn(model, compile)
+    step = compiled_method(model, "decode_step", compile)
     seq_pos = torch.arange(N, device=device) + model.config.prefix_len  # image position -> sequence position
     model.setup_kv_cache(rows * B, grid)
     try:

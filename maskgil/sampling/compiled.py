@@ -13,18 +13,18 @@ def compiled_method(model, name: str, compile: bool | str = False):
     default mode; a string: that mode, e.g. "reduce-overhead" for CUDA graphs), cached on the model.
 
     The first batch size gets a graph of its own, the next one a graph with a symbolic batch that
-    serves the rest (a single row gets one more)."""
-    method = getattr(model, name)
+    serves the rest (a single row gets one more, and so do more than 16 rows of the AR decode step,
+    where `linear` takes another path)."""
     if not compile:
-        return method
+        return getattr(model, name)
     mode = None if compile is True else compile
-    if next(model.parameters()).device.type == "cpu":
-        from maskgil.training.loop import cpu_compile_available
-
-        if not cpu_compile_available():
-            raise RuntimeError("compiled sampling on CPU needs a C++ compiler (g++/clang++) and the Python "
-                               "headers for torch.compile's inductor; install them or pass compile=False")
     cache = model.__dict__.setdefault("_compiled_methods", {})
     if (name, mode) not in cache:
-        cache[name, mode] = torch.compile(method, mode=mode, fullgraph=True)
+        if next(model.parameters()).device.type == "cpu":
+            from maskgil.training.loop import cpu_compile_available
+
+            if not cpu_compile_available():
+                raise RuntimeError("compiled sampling on CPU needs a C++ compiler (g++/clang++) and the Python "
+                                   "headers for torch.compile's inductor; install them or pass compile=False")
+        cache[name, mode] = torch.compile(getattr(model, name), mode=mode, fullgraph=True)
     return cache[name, mode]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskgil.sampling.ar import decode_step_fn
+from maskgil.sampling.compiled import compiled_method
 from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
 from maskgil.sampling.maskgit import guided_logits, gumbel_noise
 from maskgil.sampling.schedules import masked_after_steps
@@ -116,7 +116,7 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
              top_p: float | None = None, compile: bool | str = False) -> list[torch.Tensor]:
     """Raster-order AR decoding of the first `num_tokens` tokens for several requests with one
     KV cache; returns (n_j, num_tokens) per job. Mirrors `maskgil.sampling.sample_ar`; `compile`
-    runs its decode step through torch.compile (`decode_step_fn`)."""
+    runs its decode step through torch.compile (`compiled_method`)."""
     if not model.config.causal:
         raise ValueError("AR decoding needs a causal model")
     h, w = grid
@@ -131,7 +131,7 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
     drop = torch.zeros(rows * B, dtype=torch.bool, device=device)
     drop[B:] = True
     slices = _slices(jobs)
-    step = decode_step_fn(model, compile)
+    step = compiled_method(model, "decode_step", compile)
     seq_pos = torch.arange(N, device=device) + model.config.prefix_len
     model.setup_kv_cache(rows * B, grid)
     try:
