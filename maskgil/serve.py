@@ -37,7 +37,8 @@ from ray.serve.handle import DeploymentHandle
 
 from maskgil.checkpoint import MODEL_REGISTRY, config_from_dict, read_config, weights_hash
 from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request
-from maskgil.serving.engine import Job, ar_batch, image_grid, make_generator, maskgit_batch, png_bytes, to_uint8
+from maskgil.images import image_grid, png_bytes, to_uint8_nhwc
+from maskgil.serving.engine import Job, ar_batch, make_generator, maskgit_batch
 
 QUICKSTART = {"mar": "runs/quickstart/maskgil", "ar": "runs/quickstart/llamagen", "tokenizer": "runs/quickstart/tokenizer"}
 MAX_FAILURES_IN_A_ROW = 3
@@ -255,7 +256,7 @@ class TokenDecoder:
 
     def decode(self, item: dict) -> dict:
         codes = item["tokens"].view(-1, *item["grid"])  # (n, h, w)
-        images = to_uint8(self.tokenizer.decode(codes))  # (n, H, W, 3)
+        images = to_uint8_nhwc(self.tokenizer.decode(codes))  # (n, H, W, 3)
         out = {"pngs": [png_bytes(im) for im in images] if item["want_each"] else []}
         out["grid_png"] = png_bytes(image_grid(images)) if item["want_grid"] else None
         return out

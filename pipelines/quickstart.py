@@ -248,7 +248,8 @@ def stage_samples(path: Path, args, dirs) -> dict:
     from maskgil.checkpoint import load_pretrained
     from maskgil.classifier import class_accuracy, load_embedded_classifier
     from maskgil.tokenizers import load_tokenizer
-    from maskgil.training.samples import decode_tokens, image_grid, sample_class_tokens, save_png
+    from maskgil.images import image_grid, save_png
+    from maskgil.training.samples import decode_tokens, sample_class_tokens
 
     tok = load_tokenizer(dirs["tokenizer"])
     mar, ar = load_pretrained(dirs["maskgil"]), load_pretrained(dirs["llamagen"])

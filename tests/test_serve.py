@@ -140,10 +140,10 @@ def test_png_output_grid_and_seed_header(client, models):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["x-seed"] == "5"
     img = png(r.content)
-    assert img.shape == (2 * 48 + 2, 2 * 32 + 2, 3)  # 3 images -> 2x2 grid, 2 px gaps
+    assert img.shape == (2 * (48 + 2) + 2, 2 * (32 + 2) + 2, 3)  # 3 images -> 2x2 grid, 2 px border and gaps
     _, ref = reference(models, body, grid=(6, 4))
-    assert np.array_equal(img[:48, :32], ref[0]) and np.array_equal(img[:48, 34:], ref[1])
-    assert np.array_equal(img[50:, :32], ref[2]) and not img[50:, 34:].any()  # empty 4th cell
+    assert np.array_equal(img[2:50, 2:34], ref[0]) and np.array_equal(img[2:50, 36:68], ref[1])
+    assert np.array_equal(img[52:100, 2:34], ref[2]) and (img[52:100, 36:68] == 255).all()  # empty 4th cell: white
 
 
 def test_random_seed_is_returned_and_reproduces(client):

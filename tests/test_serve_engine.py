@@ -1,12 +1,10 @@
 """Serving engine without Ray: batched sampling equals the library samplers run per request."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
-from maskgil.serving.engine import Job, ar_batch, image_grid, make_generator, maskgit_batch, png_bytes, to_uint8
+from maskgil.serving.engine import Job, ar_batch, make_generator, maskgit_batch
 from maskgil.training import cpu_compile_available
 
 
@@ -120,16 +118,3 @@ def test_other_grids(mar):
     jobs = [Job(torch.tensor([1]), make_generator("cpu", 5))]
     (t,) = maskgit_batch(mar, jobs, (4, 6), steps=3)
     assert torch.equal(t, sample_maskgit(mar, torch.tensor([1]), (4, 6), steps=3, generator=gen(5)))
-
-
-def test_image_helpers():
-    x = torch.tensor([-1.0, 0.0, 1.0, 0.5]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
-    u8 = to_uint8(x)
-    assert u8.shape == (1, 2, 2, 3) and u8.dtype == np.uint8
-    assert u8[0, :, :, 0].tolist() == [[0, 128], [255, 191]]  # (v+1)*127.5 rounded: 0, 127.5->128, 255, 191.25
-    imgs = np.arange(5 * 4 * 3 * 3, dtype=np.uint8).reshape(5, 4, 3, 3)
-    grid = image_grid(imgs, pad=1)
-    assert grid.shape == (2 * 4 + 1, 3 * 3 + 2, 3)  # 5 images -> 3 columns x 2 rows
-    assert np.array_equal(grid[5:9, 4:7], imgs[4])  # row 1, col 1
-    back = np.array(Image.open(__import__("io").BytesIO(png_bytes(grid))))
-    assert np.array_equal(back, grid)

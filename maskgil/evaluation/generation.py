@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import check_known_fields
+from maskgil.images import to_uint8_nhwc
 
 SAMPLERS = ("mar", "ar", "fusion")
 
@@ -179,13 +180,6 @@ def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: to
                          cfg_scale=spec.cfg_scale, temperature=spec.temperature, top_k=spec.top_k,
                          top_p=spec.top_p, choice_temperature=spec.choice_temperature, schedule=spec.schedule,
                          generator=generator)
-
-
-def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """Decoder output (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded like the metrics do."""
-    from maskgil.metrics.images import to_uint8_grid
-
-    return to_uint8_grid(images.detach().cpu()).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _device(num_gpus: float) -> str:

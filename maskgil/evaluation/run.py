@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from maskgil.evaluation.adm_npz import AdmNpzWriter
+from maskgil.images import image_grid, save_png
 from maskgil.evaluation.generation import (
     ModelPaths,
     SampleAndDecode,
@@ -246,24 +247,6 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
-def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | None = None) -> Path:
-    """uint8 (N, H, W, 3) -> one PNG, row-major, 2 px dark gutters."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    pad = 2
-    canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 32, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------ MLflow
 
 def training_run_id(checkpoint_dir: str | None) -> str | None:
@@ -354,7 +337,7 @@ def evaluate(cfg: EvalConfig, engine: str = "ray", out_dir: str | os.PathLike | 
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_png = None
     if collected["grid"] is not None and len(collected["grid"]):
-        grid_png = str(save_image_grid(collected["grid"], out_dir / f"samples-{result['sampler']}.png"))
+        grid_png = str(save_png(image_grid(collected["grid"]), out_dir / f"samples-{result['sampler']}.png"))
         result["grid_png"] = grid_png
     if tracking_uri:
         result["mlflow_run_id"] = log_evaluation(result, cfg, tracking_uri, experiment, grid_png, run_name)

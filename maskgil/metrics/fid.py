@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
-import torch
 
 # The feature network behind the precomputed mu/sigma of the ADM reference batches: the TF graph
 # of Inception-v3 (2015-12-05), pool_3, run by guided-diffusion's evaluator.
@@ -242,9 +241,9 @@ def save_adm_samples(path: str | os.PathLike, images, labels=None) -> Path:
 
     images: uint8 or [-1, 1] float, NCHW or NHWC (floats are rounded to the 0..255 grid).
     """
-    from maskgil.metrics.images import to_uint8_grid
+    from maskgil.images import to_uint8_nhwc
 
-    arr = to_uint8_grid(images).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3)
+    arr = to_uint8_nhwc(images)  # (N, H, W, 3)
     arrays = {"arr_0": arr}
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)

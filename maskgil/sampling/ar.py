@@ -22,35 +22,47 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
     if not model.config.causal:
         raise ValueError("AR decoding needs a causal model")
     h, w = grid = tuple(grid or model.config.grid_size)
-    N, B = h * w, len(cond)
-    device = next(model.parameters()).device
+    N = h * w
     k0 = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     n_new = N - k0 if num_tokens is None else num_tokens
     if not 0 <= k0 + n_new <= N:
         raise ValueError(f"prefix {k0} + {n_new} new tokens exceeds the {N}-token grid")
+    draw = lambda logits: sample_tokens(model, logits, temperature, top_k, top_p, generator)[0]  # noqa: E731
+    new = decode_raster(model, cond, grid, n_new, draw, cfg_scale, cfg_schedule, prefix_tokens, text_mask, compile)
+    return new if k0 == 0 else torch.cat([prefix_tokens.to(new.device), new], 1)
+
+
+def decode_raster(model, cond, grid: tuple[int, int], n_new: int, draw, cfg_scale: float = 1.0,
+                  cfg_schedule: str = "constant", prefix_tokens: torch.Tensor | None = None, text_mask=None,
+                  compile: bool | str = False) -> torch.Tensor:
+    """The KV-cache loop behind `sample_ar` and the serving engine: (B, n_new) new tokens.
+
+    Pre-fills the condition (and `prefix_tokens` (B, k), if given), then writes positions k..k+n_new-1
+    one at a time. `draw` turns guided logits (B, V) into tokens (B,): it owns the randomness, so
+    a caller decides which generator serves which rows. CFG runs cond and uncond rows in one batch."""
+    N, B = grid[0] * grid[1], len(cond)
+    device = next(model.parameters()).device
+    k0 = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     use_cfg = cfg_scale != 1.0
     rows = 2 if use_cfg else 1
     drop = torch.zeros(rows * B, dtype=torch.bool, device=device)
     drop[B:] = True
-    cond_x = torch.cat([cond] * rows)
-    tm = None if text_mask is None else torch.cat([text_mask] * rows)
     step = compiled_method(model, "decode_step", compile)
     seq_pos = torch.arange(N, device=device) + model.config.prefix_len  # image position -> sequence position
     model.setup_kv_cache(rows * B, grid)
     try:
-        logits = model.prefill(cond_x, drop_cond=drop, text_mask=tm)  # (rows*B, V)
+        logits = model.prefill(torch.cat([cond.to(device)] * rows), drop_cond=drop,
+                               text_mask=None if text_mask is None else torch.cat([text_mask] * rows))  # (rows*B, V)
         if k0:
             logits = model.decode_tokens(torch.cat([prefix_tokens.to(device)] * rows), 0)
         out = []
-        for j in range(n_new):
-            pos = k0 + j
-            l = cfg_combine(logits[:B], logits[B:], cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)) if use_cfg else logits
-            tok, _ = sample_tokens(model, l, temperature, top_k, top_p, generator)  # (B,)
+        for pos in range(k0, k0 + n_new):
+            scale = cfg_scale_at(cfg_scale, (pos + 1) / N, cfg_schedule)
+            tok = draw(cfg_combine(logits[:B], logits[B:], scale) if use_cfg else logits)  # (B,)
             out.append(tok)
-            if j + 1 < n_new:
+            if pos + 1 < k0 + n_new:
                 logits = step(torch.cat([tok] * rows)[:, None], seq_pos[pos:pos + 1])  # (rows*B, V)
     finally:
         if not compile:  # a compiled step keeps its cache for the next call (same buffers)
             model.clear_kv_cache()
-    new = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)
-    return new if k0 == 0 else torch.cat([prefix_tokens.to(device), new], 1)
+    return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=device)

@@ -55,33 +55,49 @@ def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int 
     mask_id = model.mask_token_id
     if mask_id is None:
         raise ValueError("MaskGIT decoding needs a masked (bidirectional) model")
-    h, w = grid = tuple(grid or model.config.grid_size)
-    B, N = len(cond), h * w
-    device = next(model.parameters()).device
-    if init_tokens is None:
-        tokens = torch.full((B, N), mask_id, dtype=torch.long, device=device)
-    else:
-        if init_tokens.shape != (B, N):
-            raise ValueError(f"init_tokens must be ({B}, {N}), got {tuple(init_tokens.shape)}")
-        tokens = torch.where(init_tokens < 0, mask_id, init_tokens).long().to(device)
-    # Cumulative plan per sample: tokens still masked after each step, over its initially unknown ones.
-    n0 = (tokens == mask_id).sum(1).tolist()
-    plan = torch.tensor([masked_after_steps(n, steps, schedule) for n in n0], device=device)  # (B, T)
+    grid = tuple(grid or model.config.grid_size)
+    tokens, plan = start_tokens(init_tokens, len(cond), grid, mask_id, steps, schedule,
+                                next(model.parameters()).device)
     for i in range(steps):
-        unknown = tokens == mask_id  # (B, N)
-        if not unknown.any():
+        if not (tokens == mask_id).any():
             break
         progress = (i + 1) / steps
         logits = guided_logits(model, tokens, cond, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask,
                                compile)
         sampled, logp = sample_tokens(model, logits, temperature, top_k, generator=generator)  # (B, N) each
-        noise = gumbel_noise((B, N), generator, device) * (choice_temperature * (1.0 - progress))
-        confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))
-        n_reveal = unknown.sum(1) - plan[:, i]  # (B,)
-        order = confidence.argsort(dim=1, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
-        reveal = unknown & (rank < n_reveal[:, None])
-        tokens = torch.where(reveal, sampled, tokens)
+        tokens, reveal = reveal_most_confident(tokens, sampled, logp, plan[:, i], mask_id, progress,
+                                               choice_temperature, generator)
         if trace is not None:
-            trace.append({"step": i, "revealed": reveal.clone(), "tokens": tokens.clone()})
+            trace.append({"step": i, "revealed": reveal, "tokens": tokens})
     return tokens
+
+
+def start_tokens(init_tokens: torch.Tensor | None, batch: int, grid: tuple[int, int], mask_id: int, steps: int,
+                 schedule: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid decoding starts from, (B, N), and its plan (B, T): how many tokens each sample
+    still has masked after each step, over its *initially unknown* tokens."""
+    N = grid[0] * grid[1]
+    if init_tokens is None:
+        tokens = torch.full((batch, N), mask_id, dtype=torch.long, device=device)
+    else:
+        if tuple(init_tokens.shape) != (batch, N):
+            raise ValueError(f"init_tokens must be ({batch}, {N}), got {tuple(init_tokens.shape)}")
+        tokens = torch.where(init_tokens < 0, mask_id, init_tokens).long().to(device)
+    plan = [masked_after_steps(n, steps, schedule) for n in (tokens == mask_id).sum(1).tolist()]
+    return tokens, torch.tensor(plan, device=device).view(batch, steps)
+
+
+def reveal_most_confident(tokens, sampled, logp, still_masked, mask_id: int, progress: float,
+                          choice_temperature: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MaskGIT step: of the sampled unknown tokens keep the most confident, so that
+    `still_masked` (B,) stay hidden. Confidence is log p(sampled) plus Gumbel noise annealed to
+    zero with progress. Returns the new tokens (B, N) and which positions were revealed."""
+    B, N = tokens.shape
+    unknown = tokens == mask_id
+    noise = gumbel_noise((B, N), generator, tokens.device) * (choice_temperature * (1.0 - progress))
+    confidence = torch.where(unknown, logp + noise, torch.full_like(logp, float("-inf")))
+    n_reveal = unknown.sum(1) - still_masked  # (B,)
+    order = confidence.argsort(dim=1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=tokens.device).expand(B, N))
+    reveal = unknown & (rank < n_reveal[:, None])
+    return torch.where(reveal, sampled, tokens), reveal

@@ -90,7 +90,8 @@ class MlflowRunLogger:
 
 def sample_png(model, tokenizer, grid, sample_cfg: dict, path: str, seed: int = 0) -> str:
     """Decode a class-conditional grid (one row per class) to PNG with the run's tokenizer."""
-    from maskgil.training.samples import decode_tokens, image_grid, sample_class_tokens, save_png
+    from maskgil.images import image_grid, save_png
+    from maskgil.training.samples import decode_tokens, sample_class_tokens
 
     classes = sample_cfg.get("classes") or list(range(model.config.num_classes))
     was_training = model.training

@@ -1,11 +1,10 @@
-"""Class-conditional sample grids for training logs and the quickstart: tokens -> decoded PNG."""
+"""Class-conditional samples for training logs and the quickstart: tokens, then decoded uint8 images."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from maskgil.images import to_uint8_nhwc
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 
 
@@ -41,25 +40,5 @@ def decode_tokens(tokenizer, tokens: torch.Tensor, grid: tuple[int, int], batch_
     imgs = []
     for chunk in tokens.split(batch_size):
         x = tokenizer.decode(chunk.view(-1, grid[0], grid[1]))  # (b, 3, H, W) in [-1, 1]
-        imgs.append(((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
-    return torch.cat(imgs).numpy()
-
-
-def image_grid(images: np.ndarray, ncol: int, pad: int = 2) -> np.ndarray:
-    """Tile (B, H, W, 3) uint8 images into one (rows*(H+pad)+pad, ncol*(W+pad)+pad, 3) image."""
-    B, H, W, C = images.shape
-    rows = -(-B // ncol)
-    canvas = np.full((rows * (H + pad) + pad, ncol * (W + pad) + pad, C), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        canvas[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img
-    return canvas
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+        imgs.append(to_uint8_nhwc(x))
+    return np.concatenate(imgs)
