@@ -119,6 +119,20 @@ class _Replica:
         self.max_batch_size = max_batch_size
         self._failures_in_a_row, self._last_error = 0, None
 
+    def _load_generator(self, path: str, compile: bool):
+        from maskgil.checkpoint import load_pretrained
+
+        self.model = load_pretrained(path, map_location=self.device)
+        self.compile = compile
+        self._info = {**_model_info(path, self.model, self.device), "compiled": compile}
+
+    def _warm_up(self, shapes, run):
+        """Build every compiled graph a batch can need now, not in the first callers' latency:
+        `run(jobs, grid, cfg_scale)` once per (number of one-row jobs, cfg_scale) in `shapes`."""
+        grid = tuple(self.model.config.grid_size)
+        for n_jobs, cfg in shapes:
+            run([Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)], grid, cfg)
+
     async def __call__(self, item: dict) -> dict:
         """One request; `_run` gathers concurrent calls into batches."""
         ok, value = await self._run(item)
@@ -171,19 +185,14 @@ class MARModel(_Replica):
 
     def __init__(self, path: str, device: str = "auto", threads: int = 1, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, compile: bool = False):
-        from maskgil.checkpoint import load_pretrained
-
         self._setup(device, threads, max_batch_size, batch_wait_timeout_s)
-        self.model = load_pretrained(path, map_location=self.device)
+        self._load_generator(path, compile)
         if self.model.mask_token_id is None:
             raise ValueError(f"{path} is not a masked model (causal={self.model.config.causal})")
-        self.compile = compile
-        self._info = {**_model_info(path, self.model, self.device), "compiled": compile}
-        if compile:  # build every graph a batch can need now: 2, 4 (symbolic batch) and 1 rows
-            grid = tuple(self.model.config.grid_size)
-            for n_jobs, cfg in ((1, 2.0), (2, 2.0), (1, 1.0)):
-                jobs = [Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)]
-                maskgit_batch(self.model, jobs, grid, steps=1, cfg_scale=cfg, compile=True)
+        if compile:  # 2, 4 (the symbolic batch) and 1 rows
+            self._warm_up(((1, 2.0), (2, 2.0), (1, 1.0)),
+                          lambda jobs, grid, cfg: maskgit_batch(self.model, jobs, grid, steps=1, cfg_scale=cfg,
+                                                                compile=True))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:
@@ -210,19 +219,13 @@ class ARModel(_Replica):
 
     def __init__(self, path: str, device: str = "auto", threads: int = 1, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, compile: bool = False):
-        from maskgil.checkpoint import load_pretrained
-
         self._setup(device, threads, max_batch_size, batch_wait_timeout_s)
-        self.model = load_pretrained(path, map_location=self.device)
+        self._load_generator(path, compile)
         if not self.model.config.causal:
             raise ValueError(f"{path} is not a causal (AR) model")
-        self.compile = compile
-        self._info = {**_model_info(path, self.model, self.device), "compiled": compile}
-        if compile:  # build every graph a batch can need now, not in the first callers' latency
-            grid = tuple(self.model.config.grid_size)
-            for n_jobs, cfg in ((1, 2.0), (2, 2.0), (9, 2.0), (1, 1.0)):  # 2, 4 (symbolic), 18 and 1 rows
-                jobs = [Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)]
-                ar_batch(self.model, jobs, grid, 2, cfg_scale=cfg, compile=True)
+        if compile:  # 2, 4 (the symbolic batch), 18 (linear takes another path past 16 rows) and 1 rows
+            self._warm_up(((1, 2.0), (2, 2.0), (9, 2.0), (1, 1.0)),
+                          lambda jobs, grid, cfg: ar_batch(self.model, jobs, grid, 2, cfg_scale=cfg, compile=True))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:
