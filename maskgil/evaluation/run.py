@@ -20,7 +20,6 @@ import numpy as np
 from tqdm import tqdm
 
 from maskgil.evaluation.adm_npz import AdmNpzWriter
-from maskgil.images import image_grid, save_png
 from maskgil.evaluation.generation import (
     ModelPaths,
     SampleAndDecode,
@@ -29,6 +28,7 @@ from maskgil.evaluation.generation import (
     check_balanced,
     num_chunks,
 )
+from maskgil.images import image_grid, save_png
 
 DEFAULT_CACHE_DIR = ".cache/maskgil"
 
