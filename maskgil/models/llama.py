@@ -41,6 +41,7 @@ class LlamaConfig:
     cond: str = "class"  # "class" | "text"
     text_dim: int = 0  # width of text-encoder features (cond == "text")
     text_len: int = 0  # text prefix length (cond == "text")
+    text_encoder: str = ""  # the encoder whose features the prefix expects (maskgil.text; "" = the default)
     causal: bool = False
     rope: str = "2d"  # "2d" | "1d" | "none"
     rope_theta: float = 10000.0
@@ -394,6 +395,8 @@ class LlamaGenerator(nn.Module):
         self._check_tokens(tokens, grid)
         B, N = tokens.shape
         P = self.config.prefix_len
+        if self.config.cond == "text" and drop_cond is None and self.training and self.config.class_dropout > 0:
+            drop_cond = torch.rand(B, device=tokens.device) < self.config.class_dropout  # the key mask needs it too
         prefix = self.embed_condition(cond, drop_cond)  # (B, P, D)
         body = tokens[:, :-1] if self.config.causal else tokens  # causal: token i is predicted at i-1
         x = torch.cat([prefix, self.embed_tokens(body)], dim=1)  # (B, L, D); L = P + N (- 1 if causal)
@@ -401,7 +404,7 @@ class LlamaGenerator(nn.Module):
         L = x.shape[1]
         rope = self.rope(grid, x.device)
         rope = rope[:L] if rope is not None else None
-        mask = self._attn_mask(B, L, text_mask, x.device)
+        mask = self._attn_mask(B, L, text_mask, x.device, drop_cond)
         for layer in self.layers:
             x = layer(x, rope, attn_mask=mask, is_causal=self.config.causal)
         h = self.norm(x)[:, P - 1:P - 1 + N] if self.config.causal else self.norm(x)[:, P:]  # (B, N, D)
@@ -410,19 +413,29 @@ class LlamaGenerator(nn.Module):
         logits = self.head(h).float()  # (B, N, V) (V = sum of sub-token heads when factorised)
         return (logits, h) if return_hidden else logits
 
-    def _key_mask(self, B, L, text_mask, device):
-        """(B, 1, 1, L) bool, True = a valid key, or None: hides padded text prefix tokens."""
+    def _key_mask(self, B, L, text_mask, device, drop_cond=None):
+        """(B, 1, 1, L) bool, True = a valid key, or None: hides padded text prefix tokens.
+
+        `text_mask` (B, Lt) marks the real word pieces of features padded to Lt <= text_len; the
+        prefix slots past Lt (padded inside the model) are hidden too, so a caption's output does
+        not depend on the longest caption of its batch. A dropped condition (CFG's null text) is
+        the learned null sequence, seen whole whatever the caption's length."""
         if text_mask is None:
             return None
         P = self.config.prefix_len
+        if text_mask.shape[1] > P:
+            raise ValueError(f"text_mask covers {text_mask.shape[1]} tokens, the model prefix holds {P}")
         keys = torch.ones(B, L, dtype=torch.bool, device=device)
-        keys[:, : text_mask.shape[1]] = text_mask.bool()
+        keys[:, :P] = False
+        keys[:, : text_mask.shape[1]] = text_mask.to(device).bool()
+        if drop_cond is not None:
+            keys[:, :P] |= drop_cond.to(device).bool()[:, None]
         keys[:, P - 1] |= ~keys[:, :P].any(1)  # never leave a row with no key
         return keys[:, None, None, :]
 
-    def _attn_mask(self, B, L, text_mask, device):
+    def _attn_mask(self, B, L, text_mask, device, drop_cond=None):
         """Boolean mask (True = attend) or None (then SDPA's own causal flag does the work)."""
-        mask = self._key_mask(B, L, text_mask, device)
+        mask = self._key_mask(B, L, text_mask, device, drop_cond)
         if mask is not None and self.config.causal:
             mask = mask & torch.ones(L, L, dtype=torch.bool, device=device).tril()
         return mask
@@ -480,7 +493,7 @@ class LlamaGenerator(nn.Module):
         """Write the prefix into the cache; returns logits (B, V) for image token 0."""
         state = self._decoding_state()
         x = self.embed_condition(cond, drop_cond)  # (B, P, D)
-        state["key_mask"] = self._key_mask(len(x), len(state["key_positions"]), text_mask, x.device)
+        state["key_mask"] = self._key_mask(len(x), len(state["key_positions"]), text_mask, x.device, drop_cond)
         return self._cached_forward(x, state["key_positions"][: self.config.prefix_len])
 
     @torch.no_grad()

@@ -39,6 +39,9 @@ class TransformerConfig:
             raise ValueError("the Bidirectional Transformer baseline is never causal")
         if self.factorization:
             raise ValueError("token factorisation is implemented for the LLaMA models only")
+        if self.cond != "class":
+            raise ValueError("the Bidirectional Transformer baseline is class-conditional; text conditioning is "
+                             "implemented for the LLaMA models (cond='text')")
 
     @property
     def prefix_len(self) -> int:
