@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from maskgil.models import build_model  # noqa: E402
 from maskgil.training import TrainConfig, build_optimizer, train_step  # noqa: E402
-from maskgil.training.samples import sample_class_tokens  # noqa: E402
+from maskgil.training.samples import sample_tokens  # noqa: E402
 
 TEMPLATES = {  # 5x5 cells; the four are distinct under every shift that keeps them on the grid
     "disc": ["01110", "11111", "11111", "11111", "01110"],
@@ -98,9 +98,8 @@ def run(preset: str, overrides: dict, train_overrides: dict, steps: int, eval_at
         train_s += time.perf_counter() - t0
         if step + 1 in eval_at:
             model.eval()
-            tokens, want = sample_class_tokens(model, list(range(16)), per_class, (GRID, GRID), cfg_scale=2.0,
-                                               seed=1)
-            got, want = read_class(tokens.numpy()), want.numpy()
+            tokens, want = sample_tokens(model, list(range(16)), per_class, (GRID, GRID), cfg_scale=2.0, seed=1)
+            got, want = read_class(tokens.numpy()), np.asarray(want)
             curve.append({"step": step + 1, "train_s": round(train_s, 1), "loss": round(m["loss"], 3),
                           "accuracy": float((got == want).mean()),
                           "shape_accuracy": float((got // 4 == want // 4).mean()),

@@ -249,7 +249,7 @@ def stage_samples(path: Path, args, dirs) -> dict:
     from maskgil.classifier import class_accuracy, load_embedded_classifier
     from maskgil.tokenizers import load_tokenizer
     from maskgil.images import image_grid, save_png
-    from maskgil.training.samples import decode_tokens, sample_class_tokens
+    from maskgil.training.samples import decode_tokens, sample_tokens
 
     tok = load_tokenizer(dirs["tokenizer"])
     mar, ar = load_pretrained(dirs["maskgil"]), load_pretrained(dirs["llamagen"])
@@ -271,11 +271,12 @@ def stage_samples(path: Path, args, dirs) -> dict:
                         ("ar", dict(model=ar), 4),
                         ("fusion", dict(model=mar, ar_model=ar, ar_tokens=args.fusion_ar_tokens), 4)):
         t0 = time.time()
-        tokens, labels = sample_class_tokens(kw.pop("model"), classes, n, grid, cfg_scale=args.cfg_scale, steps=8,
-                                             seed=1, **kw)
+        tokens, labels = sample_tokens(kw.pop("model"), classes, n, grid, cfg_scale=args.cfg_scale, steps=8, seed=1,
+                                       **kw)
+        labels = np.asarray(labels)
         timings[name] = time.time() - t0
         images = decode_tokens(tok, tokens, grid)
-        scores = class_accuracy(judge, images, labels.numpy())
+        scores = class_accuracy(judge, images, labels)
         out[f"{name}_accuracy"] = scores["accuracy"]
         out[f"{name}_colour_accuracy"] = scores["colour_accuracy"]
         out[f"{name}_shape_accuracy"] = scores["shape_accuracy"]

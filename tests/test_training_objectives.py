@@ -17,7 +17,7 @@ class FixedLogits(torch.nn.Module):
         self.logits = logits
         self.seen = None
 
-    def forward(self, tokens, cond, grid, drop_cond=None, positions=None):
+    def forward(self, tokens, cond, grid, drop_cond=None, positions=None, text_mask=None):
         self.seen = (tokens.clone(), cond.clone(), drop_cond.clone())
         if positions is None:
             return self.logits

@@ -87,15 +87,18 @@ def head(tmp_path_factory):
         yield f"127.0.0.1:{GCS_PORT}"
 
 
-def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8)):
-    """A finished shard directory in the pretokenize format (TokenShardWriter + manifest)."""
+def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8), target="label"):
+    """A finished shard directory in the pretokenize format (TokenShardWriter + manifest); caption
+    shards (`target="caption"`) carry one of `classes` captions per row instead of a label."""
     from maskgil.data.shards import TokenShardWriter
 
     rng = np.random.default_rng(0)
     labels = np.arange(n) % classes
     tokens = rng.integers(0, vocab, (n, grid[0] * grid[1]))
-    w = TokenShardWriter(str(out), vocab, grid[0] * grid[1], "label")
-    rows = {"tokens": tokens, "grid_h": [grid[0]] * n, "grid_w": [grid[1]] * n, "label": labels.tolist(),
+    w = TokenShardWriter(str(out), vocab, grid[0] * grid[1], target)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    cond = labels.tolist() if target == "label" else [f"a {colours[c % 6]} shape number {c}" for c in labels]
+    rows = {"tokens": tokens, "grid_h": [grid[0]] * n, "grid_w": [grid[1]] * n, target: cond,
             "source": [f"img{i}" for i in range(n)], "aug": [0] * n}
     w.write(0, "test", rows, [], n)
     w.finalize(1, {"grid": list(grid), "image_size": 64, "tokenizer": {"name": "test"}})
@@ -191,3 +194,59 @@ def test_fsdp_run_on_cpu_workers_resumes_on_a_different_worker_count(head, tmp_p
 
     tags = MlflowClient(f"sqlite:///{db}").get_run(run_id).data.tags  # the last attempt's placement
     assert (tags["maskgil.strategy"], tags["maskgil.device"], tags["maskgil.num_workers"]) == ("fsdp", "cpu", "1")
+
+
+def test_conditioning_must_match_the_shards(tmp_path):
+    """A class-conditional model refuses caption shards (and the reverse) before any Ray work."""
+    from maskgil.training.ray_trainer import run_training
+    from maskgil.training.runconfig import load_run_config
+
+    write_token_shards(tmp_path / "captions", target="caption")
+    write_token_shards(tmp_path / "labels")
+    tiny = {"n_layers": 1, "dim": 32, "n_heads": 2, "vocab_size": 32}
+    for config, shards, want in (("train_maskgil_tiny.yaml", "captions", "pretokenize with --target label"),
+                                 ("train_maskgil_t2i_tiny.yaml", "labels", "pretokenize with --target caption")):
+        cfg = load_run_config(CONFIGS / config, {"data": {"shards": str(tmp_path / shards)},
+                                                 "run": {"storage_path": str(tmp_path / "ray")}})
+        cfg["train"]["model_overrides"] = {**cfg["train"]["model_overrides"], **tiny}
+        with pytest.raises(ValueError, match=want):
+            run_training(cfg)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_text_conditional_run_on_caption_shards(head, tmp_path):
+    """pipelines/train.py with the text-to-image config on caption shards: the worker encodes the
+    captions with the packaged MiniLM, trains, logs a sample grid drawn from the captions it saw,
+    and the final checkpoint names its text encoder so samplers and Serve rebuild the same one."""
+    from maskgil.tokenizers import build_tokenizer
+
+    shards = tmp_path / "shards"
+    write_token_shards(shards, vocab=512, target="caption")
+    build_tokenizer("llamagen-vq-tiny").save_pretrained(tmp_path / "tok")
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_t2i_tiny.yaml"),
+           "--shards", str(shards), "--output", str(tmp_path / "final"), "--name", "t2itest",
+           "--tokenizer", str(tmp_path / "tok"), "--tracking-uri", f"sqlite:///{db}",
+           "--set", "train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2", "train.log_every=1",
+           "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, multiple_of: 32, "
+           "cond: text, text_dim: 384, text_len: 16, text_encoder: all-minilm-l6-v2}", "scaling.num_workers=1",
+           "sample.per_class=1", f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=0"]
+    r = subprocess.run(cmd, env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
+    assert out["step"] == 4
+    assert [s for s, _ in metric_history(db, out["run_id"], "loss")] == [1, 2, 3, 4]
+    from mlflow.tracking import MlflowClient
+
+    arts = MlflowClient(f"sqlite:///{db}").list_artifacts(out["run_id"], "samples")
+    assert [a.path for a in arts] == ["samples/samples_step00000004.png"]
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.sampling import sample_maskgit
+    from maskgil.text import TextEncoder
+
+    model = load_pretrained(out["checkpoint"]).eval()
+    assert (model.config.cond, model.config.text_encoder, model.config.text_len) == ("text", "all-minilm-l6-v2", 16)
+    feats, mask = TextEncoder.for_model(model).encode(["a red shape number 0"])
+    assert sample_maskgit(model, feats, (8, 8), steps=2, text_mask=mask).shape == (1, 64)

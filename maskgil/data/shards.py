@@ -312,12 +312,14 @@ def _to_training_columns(batch: pa.Table) -> dict[str, np.ndarray]:
     out = {"tokens": batch.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64).reshape(n, -1)}
     if "label" in batch.column_names:
         out["label"] = batch.column("label").to_numpy().astype(np.int64)
+    if "caption" in batch.column_names:
+        out["caption"] = np.array(batch.column("caption").to_pylist(), dtype=object)
     return out
 
 
 def token_dataset(shard_dir: str, grid: tuple[int, int] | None = None):
-    """The shards as a `ray.data.Dataset` of {"tokens": int64 (h*w,), "label": int64} rows, for Ray Train
-    (`get_dataset_shard(...).iter_torch_batches(batch_size=...)`). Caption sets: tokens only for now."""
+    """The shards as a `ray.data.Dataset` of {"tokens": int64 (h*w,), "label": int64} rows (caption
+    sets: "caption" str instead of "label"), for Ray Train (`get_dataset_shard(...).iter_batches(...)`)."""
     import ray.data
 
     from ray.data.expressions import col
@@ -332,5 +334,5 @@ def token_dataset(shard_dir: str, grid: tuple[int, int] | None = None):
         ds = ds.filter(expr=(col("grid_h") == int(grid[0])) & (col("grid_w") == int(grid[1])))
     elif grid is not None and tuple(grid) != fixed:
         raise ValueError(f"{shard_dir}: shards hold a {fixed[0]}x{fixed[1]} token grid, not {grid[0]}x{grid[1]}")
-    keep = ["tokens"] + (["label"] if m.get("target") == "label" else [])
+    keep = ["tokens", "caption" if m.get("target") == "caption" else "label"]
     return ds.select_columns(keep).map_batches(_to_training_columns, batch_format="pyarrow")

@@ -154,6 +154,9 @@ def load_generators(paths: ModelPaths, sampler: str, device="cpu"):
     if ar is not None and not ar.config.causal:
         raise ValueError(f"--ar {paths.ar} is not a causal model")
     for name, m in (("mar", mar), ("ar", ar)):
+        if m is not None and getattr(m.config, "cond", "class") != "class":
+            raise ValueError(f"--{name} {getattr(paths, name)} is text-conditional; this evaluation samples class ids "
+                             "(prompt-following on the embedded set: benchmarks/bench_text_to_image.py)")
         if m is not None and m.config.vocab_size != tok.codebook_size:
             raise ValueError(f"--{name} has vocab {m.config.vocab_size} but the tokenizer has "
                              f"{tok.codebook_size} codes: they were not trained together")

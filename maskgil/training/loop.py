@@ -239,10 +239,16 @@ class OutputNormProbe:
             h.remove()
 
 
-def _to_device_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, condition, text mask): class ids from "label", or text features from "text"
+    (added by `maskgil.text.with_text_features`)."""
     tokens = torch.as_tensor(batch["tokens"]).long().to(device, non_blocking=True)
-    labels = torch.as_tensor(batch["label"]).long().to(device, non_blocking=True)
-    return tokens, labels
+    if "text" in batch:
+        feats = torch.as_tensor(batch["text"]).float().to(device, non_blocking=True)
+        return tokens, feats, torch.as_tensor(batch["text_mask"]).bool().to(device, non_blocking=True)
+    if "label" not in batch:
+        raise ValueError(f"a batch needs class labels or text features, it has {sorted(batch)}")
+    return tokens, torch.as_tensor(batch["label"]).long().to(device, non_blocking=True), None
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], cfg: TrainConfig,
@@ -261,14 +267,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):
-        tokens, labels = _to_device_batch(batch, device)
+        tokens, cond, text_mask = _to_device_batch(batch, device)
         if tokens.shape[1] != grid[0] * grid[1]:
             raise ValueError(f"batch holds {tokens.shape[1]} tokens per image but the grid at step {step} is "
                              f"{grid[0]}x{grid[1]}: feed shards of that resolution")
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, i))
         with no_grad_sync(model, enabled=i < n_accum - 1), autocast:
-            out = compute_loss(model, base.config, tokens, labels, grid, schedule=cfg.mask_schedule,
-                               label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile)
+            out = compute_loss(model, base.config, tokens, cond, grid, schedule=cfg.mask_schedule,
+                               label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile,
+                               text_mask=text_mask)
             (out.loss / n_accum).backward()
         loss_sum += out.loss.detach().double()
     loss = loss_sum / n_accum
@@ -304,7 +311,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         hooks: Hooks | None = None, progress: bool = False) -> dict:
     """Train from `start` (a loaded loop state, or step 0) until cfg.max_steps.
 
-    `data(grid, epoch)` yields this worker's micro-batches ({"tokens": (b, N), "label": (b,)}) of
+    `data(grid, epoch)` yields this worker's micro-batches ({"tokens": (b, N), "label": (b,)}, or
+    "text" (b, L, Dt) and "text_mask" (b, L) instead of "label" for text-conditional models) of
     one epoch, in a per-epoch shuffled order. The loop counts steps exactly: after a restart from a
     checkpoint at step s it runs steps s+1.. and skips the micro-batches of the epoch that step s
     had already consumed, so no step is lost or repeated. Returns the final loop state + metrics."""
@@ -345,7 +353,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                     iterator = _epoch_iter(data, grid, state)
                     continue
                 state["batches_in_epoch"] += 1
-                if len(b["label"]) != micro_batch:
+                if len(b["tokens"]) != micro_batch:
                     continue  # ragged tail batch: skip (drop_last)
                 full_in_epoch += 1
                 micro.append(b)

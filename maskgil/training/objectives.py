@@ -1,7 +1,8 @@
 """Training objectives on one batch of token grids: masked-token prediction and next-token prediction.
 
-Both take the same batch (tokens (B, N) long, labels (B,) long, grid (h, w)) so the masked and the
-causal generators train from the same shards. Randomness (which tokens to mask, which conditions
+Both take the same batch (tokens (B, N) long, the condition: class ids (B,) long or text features
+(B, L, Dt) with their mask (B, L), grid (h, w)) so the masked and the causal generators train from
+the same shards. Randomness (which tokens to mask, which conditions
 to drop for classifier-free guidance) comes from an explicit `torch.Generator`, so a step is a pure
 function of (weights, batch, generator seed): a resumed run replays exactly what it would have done.
 """
@@ -76,10 +77,11 @@ def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, label_smooth
     return sum(ce(part, subs[..., j], label_smoothing) for j, part in enumerate(parts))
 
 
-def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *, mask_id: int,
+def masked_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tuple[int, int], *, mask_id: int,
                       class_dropout: float = 0.1, schedule: str = "cosine", label_smoothing: float = 0.1,
                       generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
-                      factorization: tuple[int, ...] = (), compiled: bool = False) -> LossOutput:
+                      factorization: tuple[int, ...] = (), compiled: bool = False,
+                      text_mask: torch.Tensor | None = None) -> LossOutput:
     """MaskGIL / MaskGIT objective: hide ceil(gamma(r) N) tokens, predict them, CE on hidden tokens only.
 
     `model` may be DDP/FSDP-wrapped, hence `mask_id` is passed explicitly. `mask` (B, N) bool
@@ -92,35 +94,35 @@ def masked_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: t
     mask = mask.to(device)
     drop = condition_dropout(B, class_dropout, generator).to(device)
     inputs = tokens.masked_fill(mask, mask_id)  # (B, N): unknown positions hold the mask id
-    logits = model(inputs, labels, grid, drop_cond=drop, positions=positions)  # (M, V): hidden tokens only
+    logits = model(inputs, cond, grid, drop_cond=drop, positions=positions, text_mask=text_mask)  # (M, V): hidden only
     ce = token_cross_entropy(logits, tokens.reshape(-1)[positions], label_smoothing, factorization, compiled)  # (M,)
     n = positions.numel()
     per_token = torch.zeros(B * N, dtype=ce.dtype, device=device).index_copy_(0, positions, ce.detach())
     return LossOutput(ce.sum() / max(n, 1), n, per_token.view(B, N), mask, inputs)
 
 
-def next_token_loss(model, tokens: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int], *,
+def next_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tuple[int, int], *,
                     class_dropout: float = 0.1, label_smoothing: float = 0.0,
                     generator: torch.Generator | None = None, factorization: tuple[int, ...] = (),
-                    compiled: bool = False) -> LossOutput:
+                    compiled: bool = False, text_mask: torch.Tensor | None = None) -> LossOutput:
     """LlamaGen AR objective: logits[:, i] predicts token i from the condition and tokens < i."""
     B, N = tokens.shape
     drop = condition_dropout(B, class_dropout, generator).to(tokens.device)
-    logits = model(tokens, labels, grid, drop_cond=drop)  # (B, N, V), shifted inside the model
+    logits = model(tokens, cond, grid, drop_cond=drop, text_mask=text_mask)  # (B, N, V), shifted inside the model
     per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization, compiled)  # (B, N)
     scored = torch.ones_like(tokens, dtype=torch.bool)
     return LossOutput(per_token.mean(), B * N, per_token, scored, tokens)
 
 
-def compute_loss(model, config, tokens, labels, grid, *, schedule: str = "cosine", label_smoothing: float | None = None,
-                 generator=None, compiled: bool = False) -> LossOutput:
+def compute_loss(model, config, tokens, cond, grid, *, schedule: str = "cosine", label_smoothing: float | None = None,
+                 generator=None, compiled: bool = False, text_mask=None) -> LossOutput:
     """Pick the objective from the (unwrapped) model config: causal -> next token, else masked tokens."""
     fact = tuple(getattr(config, "factorization", ()))
     if getattr(config, "causal", False):
         ls = 0.0 if label_smoothing is None else label_smoothing
-        return next_token_loss(model, tokens, labels, grid, class_dropout=config.class_dropout, label_smoothing=ls,
-                               generator=generator, factorization=fact, compiled=compiled)
+        return next_token_loss(model, tokens, cond, grid, class_dropout=config.class_dropout, label_smoothing=ls,
+                               generator=generator, factorization=fact, compiled=compiled, text_mask=text_mask)
     ls = 0.1 if label_smoothing is None else label_smoothing
-    return masked_token_loss(model, tokens, labels, grid, mask_id=config.mask_token_id,
+    return masked_token_loss(model, tokens, cond, grid, mask_id=config.mask_token_id,
                              class_dropout=config.class_dropout, schedule=schedule, label_smoothing=ls,
-                             generator=generator, factorization=fact, compiled=compiled)
+                             generator=generator, factorization=fact, compiled=compiled, text_mask=text_mask)

@@ -44,7 +44,12 @@ def _as_batch(b: dict) -> dict:
     tokens = b["tokens"]
     if tokens.dtype == object:  # variable-length list column: stack the per-row arrays
         tokens = np.stack(tokens)
-    return {"tokens": torch.from_numpy(tokens.astype(np.int64)), "label": torch.from_numpy(b["label"].astype(np.int64))}
+    out = {"tokens": torch.from_numpy(tokens.astype(np.int64))}
+    if "label" in b:
+        out["label"] = torch.from_numpy(b["label"].astype(np.int64))
+    if "caption" in b:
+        out["caption"] = [str(c) for c in b["caption"]]
+    return out
 
 
 def shard_batches(iterators: dict, micro: int, seed: int, buffer: int):
@@ -61,6 +66,24 @@ def shard_batches(iterators: dict, micro: int, seed: int, buffer: int):
             yield _as_batch(b)
 
     return data
+
+
+def text_batches(data, model, device, prompts: list[str] | None):
+    """Wrap `data(grid, epoch)` so batches carry the text features of their captions. When
+    `prompts` is an empty list it is filled with the first distinct captions seen (up to 8): the
+    prompts of the run's sample grids unless the run config names some (`sample.prompts`)."""
+    from maskgil.text import TextEncoder, with_text_features
+
+    encoder = TextEncoder.for_model(model, device=device)
+
+    def with_text(grid, epoch):
+        for b in with_text_features(data(grid, epoch), encoder):
+            if prompts is not None and len(prompts) < 8:
+                prompts.extend(c for c in dict.fromkeys(b["caption"]) if c not in prompts)
+                del prompts[8:]
+            yield b
+
+    return with_text, encoder
 
 
 # ---------------------------------------------------------------------------- MLflow from a worker
@@ -88,19 +111,24 @@ class MlflowRunLogger:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
 
-def sample_png(model, tokenizer, grid, sample_cfg: dict, path: str, seed: int = 0) -> str:
-    """Decode a class-conditional grid (one row per class) to PNG with the run's tokenizer."""
+def sample_png(model, tokenizer, grid, sample_cfg: dict, path: str, seed: int = 0, text_encoder=None,
+               prompts: list[str] | None = None) -> str:
+    """Decode a sample grid (`per_class` samples of each class, or of each prompt for a
+    text-conditional model) to PNG with the run's tokenizer."""
     from maskgil.images import image_grid, save_png
-    from maskgil.training.samples import decode_tokens, sample_class_tokens
+    from maskgil.training.samples import decode_tokens, sample_tokens
 
-    classes = sample_cfg.get("classes") or list(range(model.config.num_classes))
+    if model.config.cond == "text":
+        conditions = prompts
+    else:
+        conditions = sample_cfg.get("classes") or list(range(model.config.num_classes))
     was_training = model.training
     model.eval()
     try:
-        tokens, _ = sample_class_tokens(model, classes, sample_cfg["per_class"], grid, cfg_scale=sample_cfg["cfg_scale"],
-                                        steps=sample_cfg["steps"], temperature=sample_cfg["temperature"],
-                                        top_k=sample_cfg["top_k"], choice_temperature=sample_cfg["choice_temperature"],
-                                        seed=seed)
+        tokens, _ = sample_tokens(model, conditions, sample_cfg["per_class"], grid, cfg_scale=sample_cfg["cfg_scale"],
+                                  steps=sample_cfg["steps"], temperature=sample_cfg["temperature"],
+                                  top_k=sample_cfg["top_k"], choice_temperature=sample_cfg["choice_temperature"],
+                                  seed=seed, text_encoder=text_encoder)
     finally:
         model.train(was_training)
     images = decode_tokens(tokenizer, tokens, grid)
@@ -150,10 +178,11 @@ def train_loop_per_worker(config: dict) -> None:
             logger.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def on_sample(step):
-        if logger and tokenizer is not None:
+        if logger and tokenizer is not None and (encoder is None or prompts):
             with tempfile.TemporaryDirectory() as tmp:
                 path = sample_png(unwrap(model), tokenizer, grid_now[0], config["sample"],
-                                  os.path.join(tmp, f"samples_step{step:08d}.png"), seed=cfg.seed)
+                                  os.path.join(tmp, f"samples_step{step:08d}.png"), seed=cfg.seed,
+                                  text_encoder=encoder, prompts=prompts)
                 logger.log_artifact(path, "samples")
 
     def on_checkpoint(step, metrics, state):
@@ -173,6 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     iterators = {g: ray.train.get_dataset_shard(f"train_{g[0]}x{g[1]}") for g in config["grids"]}
     data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"])
+    encoder, prompts = None, list(config["sample"].get("prompts") or [])
+    if unwrap(model).config.cond == "text":  # captions -> frozen text features, in this worker
+        fill = rank == 0 and not prompts  # no sample.prompts: sample the first captions seen
+        data, encoder = text_batches(data, unwrap(model), device, prompts if fill else None)
     if start is not None and start["step"] >= cfg.max_steps:
         ray.train.report({"step": start["step"], "already_complete": 1})
         return
@@ -242,10 +275,16 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     grids = shard_dirs(cfg, default_grid)
     manifest = read_shard_manifest(next(iter(grids.values())))
     codebook = manifest.get("codebook_size")
-    vocab = build_model(train.preset, device="meta", **train.model_overrides).config.vocab_size
+    model_cfg = build_model(train.preset, device="meta", **train.model_overrides).config
+    vocab = model_cfg.vocab_size
     if codebook and codebook != vocab:
         raise ValueError(f"token shards use a {codebook}-code tokenizer but the model's vocab_size is {vocab}: "
                          f"set train.model_overrides.vocab_size={codebook}")
+    want = "caption" if getattr(model_cfg, "cond", "class") == "text" else "label"
+    if manifest.get("target", want) != want:
+        raise ValueError(f"the model is {'text' if want == 'caption' else 'class'}-conditional but the token shards "
+                         f"hold {manifest['target']}s: pretokenize with --target {want}, or set "
+                         f"train.model_overrides.cond={'class' if want == 'caption' else 'text'}")
 
     if not ray.is_initialized():
         env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

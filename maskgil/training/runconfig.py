@@ -20,7 +20,7 @@ DEFAULTS = {
                 "threads_per_worker": 1},
     "run": {"name": None, "storage_path": "runs/ray_train", "max_failures": 0, "tracking_uri": "sqlite:///mlflow.db",
             "experiment": "maskgil-train", "output": None, "tokenizer": None, "tags": {}},
-    "sample": {"classes": None, "per_class": 2, "cfg_scale": 2.0, "steps": 8, "temperature": 1.0,
+    "sample": {"classes": None, "prompts": None, "per_class": 2, "cfg_scale": 2.0, "steps": 8, "temperature": 1.0,
                "choice_temperature": 4.5, "top_k": None},
 }
 
