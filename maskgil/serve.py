@@ -131,7 +131,21 @@ class _Replica:
         `run(jobs, grid, cfg_scale)` once per (number of one-row jobs, cfg_scale) in `shapes`."""
         grid = tuple(self.model.config.grid_size)
         for n_jobs, cfg in shapes:
-            run([Job(torch.zeros(1, dtype=torch.long), make_generator(self.device, 0)) for _ in range(n_jobs)], grid, cfg)
+            run([self._job({"num_images": 1, "class_id": 0, "seed": 0}) for _ in range(n_jobs)], grid, cfg)
+
+    def _job(self, item: dict) -> Job:
+        """A request's rows: its condition (class id, or the prompt's features padded to text_len
+        from the ingress) repeated num_images times, and its own generator."""
+        n, c = item["num_images"], self.model.config
+        gen = make_generator(self.device, item["seed"], item.get("generator_state"))
+        if c.cond == "text":
+            feats = item.get("text")
+            if feats is None:  # warm-up: any features of the right shape
+                feats, mask = torch.zeros(c.text_len, c.text_dim), torch.ones(c.text_len, dtype=torch.bool)
+            else:
+                mask = item["text_mask"]
+            return Job(feats.expand(n, -1, -1), gen, item.get("init_tokens"), mask.expand(n, -1))
+        return Job(torch.full((n,), item["class_id"], dtype=torch.long), gen, item.get("init_tokens"))
 
     async def __call__(self, item: dict) -> dict:
         """One request; `_run` gathers concurrent calls into batches."""
@@ -202,11 +216,7 @@ class MARModel(_Replica):
 
     def _compute(self, group: list[dict]) -> list[dict]:
         it = group[0]
-        jobs = []
-        for g in group:
-            gen = make_generator(self.device, g["seed"], g.get("generator_state"))
-            cond = torch.full((g["num_images"],), g["class_id"], dtype=torch.long)
-            jobs.append(Job(cond, gen, g.get("init_tokens")))
+        jobs = [self._job(g) for g in group]
         tokens = maskgit_batch(self.model, jobs, it["grid"], steps=it["steps"], temperature=it["temperature"],
                                top_k=it["top_k"], choice_temperature=it["choice_temperature"],
                                cfg_scale=it["cfg_scale"], cfg_schedule=it["cfg_schedule"], compile=self.compile)
@@ -235,8 +245,7 @@ class ARModel(_Replica):
 
     def _compute(self, group: list[dict]) -> list[dict]:
         it = group[0]
-        jobs = [Job(torch.full((g["num_images"],), g["class_id"], dtype=torch.long), make_generator(self.device, g["seed"]))
-                for g in group]
+        jobs = [self._job(g) for g in group]
         tokens = ar_batch(self.model, jobs, it["grid"], it["ar_tokens"], cfg_scale=it["cfg_scale"],
                           cfg_schedule=it["cfg_schedule"], temperature=it["temperature"], top_k=it["top_k"],
                           compile=self.compile)
@@ -282,8 +291,8 @@ class Decoder(_Replica):
 
 # ----------------------------------------------------------------------------- ingress
 api = FastAPI(title="MaskGIL", version="0.1.0",
-              description="Class-conditional image generation: MaskGIL (masked), LlamaGen-style AR, and AR->MAR "
-                          "fusion, served by Ray Serve. Every response carries the seed that reproduces it.")
+              description="Class- or text-conditional image generation: MaskGIL (masked), LlamaGen-style AR, and "
+                          "AR->MAR fusion, served by Ray Serve. Every response carries the seed that reproduces it.")
 
 
 def _stage_timing(t0: float, out: dict) -> dict:
@@ -307,15 +316,24 @@ class Fusion:
 
     def __init__(self, ar: DeploymentHandle, mar: DeploymentHandle, decoder: DeploymentHandle | None,
                  shape: dict, limits: dict, request_timeout_s: float = 120.0, tokenizer_path: str | None = None,
-                 threads: int = 1):
+                 threads: int = 1, text: dict | None = None):
         self.ar, self.mar, self.decoder = ar, mar, decoder
         self.shape = ModelShape(**shape)
         self.limits = Limits(**limits)
         self.timeout = request_timeout_s
-        self.local_decoder = None
-        if decoder is None:  # decoder placement "ingress": decode in this replica, in a worker thread
+        self.local_decoder = self.text_encoder = None
+        if decoder is None or text:
             torch.set_num_threads(threads)
+        if decoder is None:  # decoder placement "ingress": decode in this replica, in a worker thread
             self.local_decoder = TokenDecoder(tokenizer_path, torch.device("cpu"))
+        if text:  # prompts are encoded once, here, and both model stages get the same features
+            from maskgil.text import TextEncoder
+
+            self.text_len = text["text_len"]
+            self.text_encoder = TextEncoder(text["encoder"], max_len=text["text_len"])
+            if self.text_encoder.dim != text["text_dim"]:
+                raise ValueError(f"text encoder {text['encoder']!r} gives {self.text_encoder.dim}-d features, the "
+                                 f"models expect {text['text_dim']}")
 
     async def _stage(self, name: str, handle: DeploymentHandle, item: dict, retries: int = 1) -> dict:
         """Call a model deployment with a deadline. A replica that dies mid-request is retried once
@@ -339,7 +357,8 @@ class Fusion:
                                       503: {"description": "over capacity or a replica is unavailable"},
                                       504: {"description": "a stage missed its deadline"}})
     async def generate(self, req: GenerateRequest):
-        """Generate `num_images` images of `class_id`; png (a grid for several) or json."""
+        """Generate `num_images` images of `class_id` (or of `prompt` for text-conditional models); png
+        (a grid for several) or json."""
         t_start = time.perf_counter()
         try:
             plan = check_request(req, self.limits, self.shape)
@@ -352,6 +371,12 @@ class Fusion:
                 "top_k": req.top_k, "steps": req.steps, "choice_temperature": req.choice_temperature, "ar_tokens": k}
         timings: dict[str, Any] = {}
         try:
+            if self.text_encoder is not None:
+                t0 = time.perf_counter()
+                feats, mask = await asyncio.to_thread(self.text_encoder.encode, [req.prompt], self.text_len)
+                item.update(text=feats[0], text_mask=mask[0])
+                timings["text"] = {"wall_ms": round((time.perf_counter() - t0) * 1e3, 2),
+                                   "word_pieces": int(mask.sum())}
             tokens = None
             if k > 0:
                 t0 = time.perf_counter()
@@ -387,7 +412,7 @@ class Fusion:
         if req.output == "png":
             return Response(images["grid_png"], media_type="image/png",
                             headers={"X-Seed": str(seed), "X-AR-Tokens": str(k), "X-Timings": json.dumps(timings)})
-        return {"seed": seed, "class_id": req.class_id, "ar_tokens": k, "mar_steps": req.steps if k < N else 0,
+        return {"seed": seed, "class_id": req.class_id, "prompt": req.prompt, "ar_tokens": k, "mar_steps": req.steps if k < N else 0,
                 "grid": [h, w], "resolution": [h * d, w * d],
                 "images": [base64.b64encode(p).decode("ascii") for p in images["pngs"]],
                 "tokens": tokens.view(req.num_images, N).tolist(), "timings": timings}
@@ -412,7 +437,10 @@ class Fusion:
         """What is loaded: checkpoints (path, config, parameter count, weights hash), tokenizer, limits."""
         ar, mar = await asyncio.gather(self.ar.info.remote(), self.mar.info.remote())
         tok = self.local_decoder.info if self.decoder is None else await self.decoder.info.remote()
-        return {"ar": ar, "mar": mar, "tokenizer": tok, "num_classes": self.shape.num_classes,
+        text = None if self.text_encoder is None else {"encoder": self.text_encoder.name, "text_len": self.text_len,
+                                                        "dim": self.text_encoder.dim}
+        return {"ar": ar, "mar": mar, "tokenizer": tok, "cond": self.shape.cond, "text_encoder": text,
+                "num_classes": self.shape.num_classes,
                 "codebook_size": self.shape.vocab_size, "native_resolution": [g * self.shape.downsample for g in self.shape.native_grid],
                 "limits": self.limits.model_dump(), "decoder_placement": "ingress" if self.decoder is None else "deployment"}
 
@@ -455,14 +483,17 @@ def model_shape(mar: str, ar: str, tokenizer: str) -> ModelShape:
     if not (m.config.vocab_size == a.config.vocab_size == t.codebook_size):
         raise ValueError(f"vocabularies differ: MAR {m.config.vocab_size}, AR {a.config.vocab_size}, "
                          f"tokenizer codebook {t.codebook_size}; all three must share one tokenizer")
-    if m.config.num_classes != a.config.num_classes:
+    cond = getattr(m.config, "cond", "class")
+    if cond == "class" and m.config.num_classes != a.config.num_classes:
         raise ValueError(f"class counts differ: MAR {m.config.num_classes}, AR {a.config.num_classes}")
-    if getattr(m.config, "cond", "class") != "class":
-        raise ValueError("text-conditioned models are not served yet (class_id only)")
+    for f in ("cond", "text_dim", "text_len", "text_encoder"):
+        if getattr(m.config, f, None) != getattr(a.config, f, None):
+            raise ValueError(f"MAR and AR disagree on {f}: {getattr(m.config, f, None)!r} vs "
+                             f"{getattr(a.config, f, None)!r}; fusion needs one condition for both")
     if m.mask_token_id != m.config.vocab_size:
         raise ValueError(f"unexpected mask id {m.mask_token_id} (expected vocab size {m.config.vocab_size})")
     return ModelShape(num_classes=m.config.num_classes, vocab_size=m.config.vocab_size, downsample=t.downsample,
-                      native_grid=tuple(m.config.grid_size))
+                      native_grid=tuple(m.config.grid_size), cond=cond)
 
 
 def app(args: ServeArgs) -> Application:
@@ -471,6 +502,12 @@ def app(args: ServeArgs) -> Application:
         args = ServeArgs.model_validate(args)
     mar, ar, tok = (resolve_checkpoint(r, getattr(args, r)) for r in ("mar", "ar", "tokenizer"))
     shape = model_shape(mar, ar, tok)
+    text = None
+    if shape.cond == "text":
+        from maskgil.text import DEFAULT_TEXT_ENCODER
+
+        c = _meta_model(mar).config
+        text = {"encoder": c.text_encoder or DEFAULT_TEXT_ENCODER, "text_len": c.text_len, "text_dim": c.text_dim}
     threads = max(1, round(args.num_cpus))
     replica = dict(device=args.device, threads=threads, max_batch_size=args.max_batch_size,
                    batch_wait_timeout_s=args.batch_wait_timeout_s)
@@ -484,4 +521,4 @@ def app(args: ServeArgs) -> Application:
     ingress = Fusion.options(max_ongoing_requests=args.max_ongoing_requests,
                              max_queued_requests=args.max_queued_requests)
     return ingress.bind(ar_app, mar_app, dec_app, shape=dataclasses.asdict(shape), limits=args.limits.model_dump(),
-                        request_timeout_s=args.request_timeout_s, tokenizer_path=tok, threads=threads)
+                        request_timeout_s=args.request_timeout_s, tokenizer_path=tok, threads=threads, text=text)

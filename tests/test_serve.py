@@ -44,6 +44,8 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     save_pretrained(build_model("maskgil-tiny", **SMALL), d / "maskgil")
     save_pretrained(build_model("llamagen-tiny", **SMALL), d / "llamagen")
+    for name, preset in (("maskgil_t2i", "maskgil-tiny"), ("llamagen_t2i", "llamagen-tiny")):
+        save_pretrained(build_model(preset, cond="text", text_dim=384, text_len=24, **SMALL), d / name)
     build_tokenizer("llamagen-vq-tiny").save_pretrained(d / "tokenizer")
     return d
 
@@ -67,12 +69,17 @@ def server(ckpts, tmp_path_factory):
         args.update(mar=str(ckpts / "maskgil"), ar=str(ckpts / "llamagen"), tokenizer=str(ckpts / "tokenizer"),
                     max_batch_size=8, max_ongoing_requests=MAX_ONGOING, max_queued_requests=MAX_QUEUED,
                     request_timeout_s=60, limits=LIMITS)
+        # A second application on the same cluster: text-conditional models, prompts in, under /t2i.
+        t2i = {**cfg["applications"][0], "name": "t2i", "route_prefix": "/t2i", "deployments": []}
+        t2i["args"] = {**args, "mar": str(ckpts / "maskgil_t2i"), "ar": str(ckpts / "llamagen_t2i")}
+        cfg["applications"].append(t2i)
         path = tmp_path_factory.mktemp("serve_cfg") / "serve.yaml"
         path.write_text(yaml.safe_dump(cfg))
         address = ray.get_runtime_context().gcs_address
         subprocess.run([sys.executable, "-m", "ray.serve.scripts", "run", "--non-blocking", "-a", address, str(path)],
                        check=True, cwd=ROOT, timeout=180, capture_output=True)
         wait_healthy(BASE, 180, detail=lambda: f"(serve status: {serve.status()})")
+        wait_healthy(BASE + "/t2i", 120, detail=lambda: f"(serve status: {serve.status()})")
         yield {"ckpts": ckpts}
     finally:
         try:
@@ -179,6 +186,33 @@ def test_incompatible_requests_are_not_batched_together(client):
         assert r["timings"]["mar"]["batch_requests"] <= 4  # only the 4 requests with the same `steps`
 
 
+def test_text_prompts_over_http(client, server):
+    """The text-conditional app: the ingress encodes the prompt once (padded to text_len) and both
+    stages condition on it; tokens equal the library's fusion sampler run here on the same features."""
+    from maskgil.text import TextEncoder
+
+    ckpts = server["ckpts"]
+    ar, mar = load_pretrained(ckpts / "llamagen_t2i"), load_pretrained(ckpts / "maskgil_t2i")
+    body = {"prompt": "a large red circle on a plain grey background", "seed": 9, "steps": 4, "ar_share": 0.5,
+            "num_images": 2, "output": "json"}
+    r = client.post("/t2i/generate", json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["prompt"] == body["prompt"] and d["timings"]["text"]["word_pieces"] == 11
+    feats, mask = TextEncoder.for_model(mar).encode([body["prompt"]] * 2)
+    ref = sample_fusion(ar, mar, feats, (8, 8), ar_tokens=32, mar_steps=4, cfg_scale=2.0, text_mask=mask,
+                        generator=torch.Generator().manual_seed(9))
+    assert torch.equal(torch.tensor(d["tokens"]), ref)
+    info = client.get("/t2i/models").json()
+    assert info["cond"] == "text" and info["text_encoder"] == {"encoder": "all-minilm-l6-v2", "text_len": 24,
+                                                                "dim": 384}
+    for bad, field in (({"class_id": 3}, "class_id"), ({"prompt": ""}, "prompt"), ({}, "prompt")):
+        r = client.post("/t2i/generate", json=bad)
+        assert r.status_code == 422 and any(field in e["loc"] for e in r.json()["detail"]), (bad, r.text)
+    r = client.post("/generate", json={"prompt": "a red circle"})  # the class app refuses prompts
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
 BAD = [
     ({}, "class_id"), ({"class_id": 16}, "class_id"), ({"class_id": -1}, "class_id"), ({"class_id": "3"}, "class_id"),
     ({"class_id": 1, "steps": 0}, "steps"), ({"class_id": 1, "steps": 17}, "steps"),
@@ -218,7 +252,8 @@ def test_health_models_openapi(client, server):
     assert m["mar"]["weights_sha256"] == hashlib.sha256((ck / "maskgil" / "model.safetensors").read_bytes()).hexdigest()
     spec = client.get("/openapi.json").json()
     assert {"/generate", "/healthz", "/models"} <= set(spec["paths"])
-    assert "class_id" in spec["components"]["schemas"]["GenerateRequest"]["required"]
+    schema = spec["components"]["schemas"]["GenerateRequest"]
+    assert {"class_id", "prompt"} <= set(schema["properties"]) and not schema.get("required")  # one of them, by model
 
 
 def test_overload_gets_503_not_unbounded_latency(client):

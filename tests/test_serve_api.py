@@ -34,7 +34,6 @@ def bad_field(body) -> str:
 def test_schema_defaults_and_types():
     r = req()
     assert (r.cfg_scale, r.steps, r.ar_share, r.num_images, r.seed, r.output) == (2.0, 8, 0.0, 1, None, "png")
-    assert bad_field({}) == "class_id"
     assert bad_field({"class_id": "3"}) == "class_id"  # strict ints: no coercion from strings,
     assert bad_field({"class_id": 3.0}) == "class_id"  # floats
     assert bad_field({"class_id": True}) == "class_id"  # or booleans
@@ -47,6 +46,22 @@ def test_schema_defaults_and_types():
     assert bad_field({"class_id": 1, "output": "gif"}) == "output"
     assert bad_field({"class_id": 1, "colour": "red"}) == "colour"  # unknown fields are named, not ignored
     assert req(resolution=[64, 32]).resolution == (64, 32)
+    assert bad_field({"prompt": 3}) == "prompt"  # strict strings
+    assert bad_field({"prompt": ""}) == "prompt"
+
+
+def test_condition_must_match_the_deployed_models():
+    """class_id for class-conditional deployments, prompt for text-conditional ones; the other is refused."""
+    text = ModelShape(num_classes=1000, vocab_size=512, downsample=8, native_grid=(8, 8), cond="text")
+    lim = Limits(max_prompt_chars=20)
+    cases = [({}, SHAPE, "class_id"), ({"prompt": "a red circle"}, SHAPE, "prompt"),
+             ({"class_id": 1}, text, "class_id"), ({}, text, "prompt"), ({"prompt": "   "}, text, "prompt"),
+             ({"prompt": "x" * 21}, text, "prompt")]
+    for body, shape, field in cases:
+        with pytest.raises(RequestError) as e:
+            check_request(GenerateRequest.model_validate(body), lim, shape)
+        assert e.value.field == field, body
+    assert check_request(GenerateRequest.model_validate({"prompt": "a red circle"}), lim, text).grid == (8, 8)
 
 
 def test_limits_and_model_checks():
@@ -75,6 +90,8 @@ def ckpts(tmp_path_factory):
     save_pretrained(build_model("maskgil-tiny", **SMALL), d / "maskgil")
     save_pretrained(build_model("llamagen-tiny", **SMALL), d / "llamagen")
     save_pretrained(build_model("llamagen-tiny", vocab_size=256, **SMALL), d / "llamagen256")
+    for name, preset in (("maskgil_t2i", "maskgil-tiny"), ("llamagen_t2i", "llamagen-tiny")):
+        save_pretrained(build_model(preset, cond="text", text_dim=384, text_len=24, **SMALL), d / name)
     build_tokenizer("llamagen-vq-tiny").save_pretrained(d / "tokenizer")
     return d
 
@@ -117,6 +134,10 @@ def test_builder_checks_compatibility(ckpts):
         app({"mar": str(ckpts / "maskgil"), "max_batch_size": 0})
     built = app({"mar": str(ckpts / "maskgil"), "ar": str(ckpts / "llamagen"), "tokenizer": str(ckpts / "tokenizer")})
     assert isinstance(built, Application)
+    text = model_shape(str(ckpts / "maskgil_t2i"), str(ckpts / "llamagen_t2i"), str(ckpts / "tokenizer"))
+    assert text.cond == "text"
+    with pytest.raises(ValueError, match="disagree on cond"):  # fusion needs one kind of condition
+        model_shape(str(ckpts / "maskgil_t2i"), str(ckpts / "llamagen"), str(ckpts / "tokenizer"))
 
 
 @pytest.mark.parametrize("name", ["serve.yaml", "serve_gpu.yaml"])

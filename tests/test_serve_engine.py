@@ -118,3 +118,31 @@ def test_other_grids(mar):
     jobs = [Job(torch.tensor([1]), make_generator("cpu", 5))]
     (t,) = maskgit_batch(mar, jobs, (4, 6), steps=3)
     assert torch.equal(t, sample_maskgit(mar, torch.tensor([1]), (4, 6), steps=3, generator=gen(5)))
+
+
+def test_text_jobs_equal_the_per_request_samplers():
+    """Text requests (features padded to text_len, as the ingress sends them) batched together get
+    the tokens each would get alone from the library samplers, for MAR, AR and fusion."""
+    from maskgil.text import TextEncoder
+
+    torch.manual_seed(3)
+    text = dict(cond="text", text_dim=384, text_len=24, **SMALL)
+    mar, ar = build_model("maskgil-tiny", **text).eval(), build_model("llamagen-tiny", **text).eval()
+    enc = TextEncoder(max_len=24)
+    prompts = [("a red circle", 2, 21), ("a large blue square on a plain grey background", 1, 22)]
+    feats = [enc.encode([p], pad_to=24) for p, _, _ in prompts]
+
+    def jobs():
+        return [Job(f.expand(n, -1, -1), make_generator("cpu", s), text_mask=m.expand(n, -1))
+                for (f, m), (_, n, s) in zip(feats, prompts)]
+
+    got_mar = maskgit_batch(mar, jobs(), (8, 8), steps=4, cfg_scale=2.0)
+    got_ar = ar_batch(ar, jobs(), (8, 8), 64, cfg_scale=2.0)
+    for (f, m), (p, n, s), t_mar, t_ar in zip(feats, prompts, got_mar, got_ar):
+        short, short_mask = enc.encode([p] * n)  # unpadded features: padding must not matter either
+        ref = sample_maskgit(mar, short, (8, 8), steps=4, cfg_scale=2.0, text_mask=short_mask, generator=gen(s))
+        assert torch.equal(t_mar, ref)
+        ref = sample_ar(ar, f.expand(n, -1, -1), (8, 8), cfg_scale=2.0, text_mask=m.expand(n, -1), generator=gen(s))
+        assert torch.equal(t_ar, ref)
+    with pytest.raises(ValueError, match="text features of one shape"):
+        maskgit_batch(mar, [jobs()[0], Job(torch.tensor([1]), make_generator("cpu", 0))], (8, 8), steps=2)

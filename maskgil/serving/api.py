@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 MAX_SEED = 2**63 - 1
 
@@ -25,6 +25,7 @@ class Limits(BaseModel):
     max_cfg_scale: float = Field(20.0, ge=0)
     max_temperature: float = Field(10.0, gt=0)
     max_resolution: Optional[int] = Field(None, ge=1, description="pixels per side; default 2x the native size")
+    max_prompt_chars: int = Field(1000, ge=1, description="longest prompt accepted (text-conditional models)")
 
 
 class GenerateRequest(BaseModel):
@@ -32,7 +33,10 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    class_id: StrictInt = Field(..., ge=0, description="class to generate, in [0, num_classes)")
+    class_id: Optional[StrictInt] = Field(None, ge=0, description="class to generate, in [0, num_classes) "
+                                                                   "(class-conditional models)")
+    prompt: Optional[StrictStr] = Field(None, min_length=1, description="what to draw (text-conditional models); "
+                                                                       "cut at the model's text_len word pieces")
     cfg_scale: float = Field(2.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale; 1 = off")
     cfg_schedule: Literal["constant", "linear"] = "constant"
     steps: StrictInt = Field(8, ge=1, description="MaskGIT steps for the tokens the AR model does not write")
@@ -69,6 +73,7 @@ class ModelShape:
     vocab_size: int
     downsample: int
     native_grid: tuple[int, int]
+    cond: Literal["class", "text"] = "class"
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,19 @@ def round_half_up(x: float) -> int:
 
 def check_request(req: GenerateRequest, limits: Limits, shape: ModelShape) -> Plan:
     """Raise RequestError (-> 422) for anything the deployment cannot or will not serve."""
-    if req.class_id >= shape.num_classes:
+    if shape.cond == "text":
+        if req.class_id is not None:
+            raise RequestError("class_id", "the deployed models are text-conditional: send a prompt, not a class_id")
+        if req.prompt is None or not req.prompt.strip():
+            raise RequestError("prompt", "required by the deployed text-conditional models (a non-empty string)")
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise RequestError("prompt", f"must be <= {limits.max_prompt_chars} characters (server limit), "
+                                         f"got {len(req.prompt)}")
+    elif req.prompt is not None:
+        raise RequestError("prompt", "the deployed models are class-conditional: send a class_id, not a prompt")
+    elif req.class_id is None:
+        raise RequestError("class_id", f"required: a class in [0, {shape.num_classes})")
+    elif req.class_id >= shape.num_classes:
         raise RequestError("class_id", f"must be < {shape.num_classes} (the model has {shape.num_classes} classes), "
                                        f"got {req.class_id}")
     if req.steps > limits.max_steps:

@@ -25,9 +25,10 @@ from maskgil.sampling.maskgit import guided_logits, reveal_most_confident, start
 class Job:
     """One request's rows in a batch."""
 
-    cond: torch.Tensor  # (n,) long class ids
+    cond: torch.Tensor  # (n,) long class ids, or (n, text_len, Dt) text features
     generator: torch.Generator
     init_tokens: torch.Tensor | None = None  # (n, h*w); mask id (or negative) = unknown
+    text_mask: torch.Tensor | None = None  # (n, text_len) bool, with text features
 
 
 def make_generator(device: torch.device | str, seed: int | None = None, state: torch.Tensor | None = None) -> torch.Generator:
@@ -38,6 +39,17 @@ def make_generator(device: torch.device | str, seed: int | None = None, state: t
     else:
         g.manual_seed(int(seed))
     return g
+
+
+def _text_masks(jobs: list[Job], device) -> list[torch.Tensor] | None:
+    """Per-job text masks, or None for class-conditional jobs. Text features must come padded to
+    the model's text_len (`TextEncoder.encode(pad_to=...)`): then every batch has the same shapes
+    and a request's rows are computed the same alone or batched."""
+    if all(j.text_mask is None for j in jobs):
+        return None
+    if any(j.text_mask is None for j in jobs) or len({j.cond.shape[1:] for j in jobs}) != 1:
+        raise ValueError("jobs in one batch must all carry text features of one shape (pad them to text_len)")
+    return [j.text_mask.to(device) for j in jobs]
 
 
 def _slices(jobs: list[Job]) -> list[slice]:
@@ -68,6 +80,7 @@ def maskgit_batch(model, jobs: list[Job], grid: tuple[int, int], steps: int = 8,
         tokens.append(t)
         plans.append(plan)  # (n, T)
     conds = [j.cond.to(device) for j in jobs]
+    masks = _text_masks(jobs, device)
     for i in range(steps):
         active = [k for k, t in enumerate(tokens) if (t == mask_id).any()]
         if not active:
@@ -75,7 +88,8 @@ def maskgit_batch(model, jobs: list[Job], grid: tuple[int, int], steps: int = 8,
         progress = (i + 1) / steps
         x = torch.cat([tokens[k] for k in active])  # (B_active, N)
         c = torch.cat([conds[k] for k in active])
-        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule),
+        tm = None if masks is None else torch.cat([masks[k] for k in active])
+        logits = guided_logits(model, x, c, grid, cfg_scale_at(cfg_scale, progress, cfg_schedule), text_mask=tm,
                                compile=compile)  # (B_active, N, V)
         for k, sl in zip(active, _slices([jobs[k] for k in active])):
             g = jobs[k].generator
@@ -98,12 +112,15 @@ def ar_batch(model, jobs: list[Job], grid: tuple[int, int], num_tokens: int, cfg
     N = h * w
     if not 0 < num_tokens <= N:
         raise ValueError(f"num_tokens must be in [1, {N}], got {num_tokens}")
-    cond = torch.cat([j.cond for j in jobs])
+    device = next(model.parameters()).device
+    cond = torch.cat([j.cond.to(device) for j in jobs])
+    masks = _text_masks(jobs, device)
     slices = _slices(jobs)
 
     def draw(logits):  # (B, V) -> (B,): each job's rows from its own generator
         return torch.cat([sample_tokens(model, logits[sl], temperature, top_k, top_p, j.generator)[0]
                           for j, sl in zip(jobs, slices)])
 
-    new = decode_raster(model, cond, tuple(grid), num_tokens, draw, cfg_scale, cfg_schedule, compile=compile)
+    new = decode_raster(model, cond, tuple(grid), num_tokens, draw, cfg_scale, cfg_schedule,
+                        text_mask=None if masks is None else torch.cat(masks), compile=compile)
     return [new[sl] for sl in slices]
