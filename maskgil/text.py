@@ -82,8 +82,8 @@ class TextEncoder:
         batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         hidden = self.model(**batch).last_hidden_state.float().cpu()  # (b, l, dim)
-        lengths = batch["attention_mask"].sum(1).tolist()
-        return [hidden[i, :n].clone() for i, n in enumerate(lengths)]
+        keep = batch["attention_mask"].bool().cpu()  # right- or left-padded, whatever the tokenizer does
+        return [hidden[i][keep[i]].clone() for i in range(len(captions))]
 
     def encode(self, captions: list[str] | str, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, dim) float32 features and (B, L) bool mask on the CPU, L = the longest caption's word

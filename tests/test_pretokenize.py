@@ -246,10 +246,13 @@ def test_webdataset_captions_and_buckets(ray_local, tokenizer_dir, tmp_path):
     assert {(a, b) for a, b in zip(t.column("grid_h").to_pylist(), t.column("grid_w").to_pylist())} == {(4, 4), (3, 5), (5, 3)}
     q = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert q == [{"source": "00002.tar/000029999", "reason": "no image in sample", "shard": 2}]
-    # Ray Train view of one bucket: only that grid's rows, as a (B, h*w) tensor.
-    n35 = sum(1 for a, b in zip(t.column("grid_h").to_pylist(), t.column("grid_w").to_pylist()) if (a, b) == (3, 5))
-    batch = next(iter(token_dataset(str(tmp_path / "out"), grid=(3, 5)).iter_torch_batches(batch_size=64)))
-    assert batch["tokens"].shape == (n35, 15) and "label" not in batch
+    # Ray Train view of one bucket (as the Train workers read it): only that grid's rows, (B, h*w)
+    # tokens and their captions, which the workers turn into text features.
+    rows35 = [(c, tok) for c, a, b, tok in zip(*(t.column(k).to_pylist() for k in ("caption", "grid_h", "grid_w", "tokens")))
+              if (a, b) == (3, 5)]
+    batch = next(iter(token_dataset(str(tmp_path / "out"), grid=(3, 5)).iter_batches(batch_size=64, batch_format="numpy")))
+    assert batch["tokens"].shape == (len(rows35), 15) and "label" not in batch
+    assert sorted(zip(batch["caption"].tolist(), batch["tokens"].tolist())) == sorted(rows35)
 
 
 def test_token_dataset_for_ray_train(imagenet_tokens):

@@ -85,11 +85,12 @@ def test_caption_output_does_not_depend_on_the_longest_caption_of_its_batch(enco
 
 
 @pytest.mark.slow
-def test_text_conditional_maskgil_learns_to_follow_captions(encoder):
-    """Each caption names a colour, and its images are all that colour's code: a MaskGIL trained on
-    (caption features, tokens) through the real training step must paint the colour a prompt names,
-    including a phrasing it never saw in training."""
-    from maskgil.sampling import sample_maskgit
+@pytest.mark.parametrize("causal", [False, True], ids=["maskgil", "ar"])
+def test_text_conditional_generator_learns_to_follow_captions(encoder, causal):
+    """Each caption names a colour, and its images are all that colour's code: a generator trained
+    on (caption features, tokens) through the real training step must paint the colour a prompt
+    names, including a phrasing it never saw in training."""
+    from maskgil.sampling import sample_ar, sample_maskgit
     from maskgil.training.loop import TrainConfig, build_optimizer, train_step
 
     colours = ["red", "green", "blue", "yellow"]
@@ -97,7 +98,7 @@ def test_text_conditional_maskgil_learns_to_follow_captions(encoder):
                 for c in colours for size in ("small", "large") for shape in ("circle", "square")]
     code = {cap: colours.index(cap.split()[2]) for cap in captions}
     torch.manual_seed(0)
-    model = _text_model()
+    model = _text_model(causal=causal)
     cfg = TrainConfig(preset="maskgil-tiny", max_steps=150, global_batch=32, lr=3e-3, warmup_steps=10,
                       lr_schedule="cosine", seed=0)
     opt = build_optimizer(model, cfg)
@@ -113,8 +114,11 @@ def test_text_conditional_maskgil_learns_to_follow_captions(encoder):
     model.eval()
     prompts = ["a small green circle on a plain grey background", "yellow square", "a large blue square"]
     feats, mask = encoder.encode(prompts)
-    out = sample_maskgit(model, feats, (4, 4), steps=4, cfg_scale=2.0, text_mask=mask,
-                         generator=torch.Generator().manual_seed(1))  # (3, 16)
+    g = torch.Generator().manual_seed(1)
+    if causal:
+        out = sample_ar(model, feats, (4, 4), cfg_scale=2.0, text_mask=mask, generator=g)  # (3, 16)
+    else:
+        out = sample_maskgit(model, feats, (4, 4), steps=4, cfg_scale=2.0, text_mask=mask, generator=g)
     want = torch.tensor([1, 3, 2])
     assert (out == want[:, None]).float().mean(1).min() >= 0.9, out
 

@@ -40,6 +40,23 @@ def test_paper_configs(size, strategy, workers):
     assert 256 // workers % t["micro_batch"] == 0  # the batch plan divides
 
 
+def test_text_to_image_config():
+    """The paper's text-to-image setting: XL, Chameleon-VQ's 8,192 codes, a projected text prefix,
+    256 then 512 px, the class-conditional recipe otherwise."""
+    from maskgil.models import build_model
+    from maskgil.training.runconfig import shard_dirs
+
+    cfg = load_run_config(CONFIGS / "train_maskgil_t2i_xl.yaml")
+    t = cfg["train"]
+    assert (t["lr"], tuple(t["betas"]), t["weight_decay"], t["global_batch"]) == (1e-4, (0.9, 0.96), 1e-5, 256)
+    model = build_model(t["preset"], device="meta", **t["model_overrides"])
+    c = model.config
+    assert (c.cond, c.vocab_size, c.text_dim, c.text_len, c.text_encoder) == ("text", 8192, 384, 64, "all-minilm-l6-v2")
+    assert 750e6 < sum(p.numel() for p in model.parameters()) < 760e6
+    assert [tuple(g[1:]) for g in t["grid_schedule"]] == [(16, 16), (32, 32)]
+    assert set(shard_dirs(cfg, c.grid_size)) == {(16, 16), (32, 32)} and len(cfg["sample"]["prompts"]) == 4
+
+
 def test_tiny_configs_and_overrides():
     mar = load_run_config(CONFIGS / "train_maskgil_tiny.yaml")
     ar = load_run_config(CONFIGS / "train_llamagen_tiny.yaml")
