@@ -1,11 +1,14 @@
 """Evaluate a generator: N samples as a Ray Data job, FID / precision / recall (/ IS), class accuracy
-on the embedded set, seconds per image; one MLflow run per evaluation.
+on the embedded set, seconds per image; one MLflow run per evaluation. Text-conditional generators
+sample from a prompt set (--prompts).
 
     python pipelines/evaluate.py --mar runs/quickstart/maskgil --tokenizer runs/quickstart/tokenizer \
-        --reference runs/quickstart/data/val --num-images 1024 --sampler mar --steps 8 --cfg 2.0
+        --reference runs/quickstart/dataset/val --num-images 1024 --sampler mar --steps 8 --cfg 2.0
     ray job submit --working-dir . -- python pipelines/evaluate.py --mar ckpt/maskgil-b --ar ckpt/llamagen-b \
         --tokenizer ckpt/llamagen-vq --sampler fusion --ar-tokens 128 --steps 4 \
         --reference VIRTUAL_imagenet256_labeled.npz --num-images 50000 --npz samples.npz --sample-actors 8 --num-gpus 1
+    python pipelines/evaluate.py --mar runs/t2i/maskgil --tokenizer runs/quickstart/tokenizer \
+        --reference runs/quickstart/dataset/val --prompts embedded:val:256 --sampler mar --cfg 2.0
 
 Every number is printed and logged with the feature network and the reference it was computed
 against. Checkpoint and reference paths must be readable from every Ray node (shared storage).
@@ -66,7 +69,10 @@ def main(argv=None) -> int:
     p.add_argument("--mar", help="MaskGIL (or Transformer baseline) checkpoint dir: mar and fusion")
     p.add_argument("--ar", help="causal AR checkpoint dir: ar and fusion")
     add_sampler_args(p)
-    p.add_argument("--num-images", type=int, help="samples, a multiple of the class count (default 50 per class)")
+    p.add_argument("--num-images", type=int, help="samples, a multiple of the class (or prompt) count "
+                                                  "(default 50 per class, or one per prompt)")
+    p.add_argument("--prompts", help="text-conditional models: embedded:val[:N] (held-out embedded captions), "
+                                     "embedded:classes ('a red circle'...), or a .txt / .jsonl prompt file")
     p.add_argument("--reference", required=True,
                    help="folder of real images, ADM reference batch .npz, sample .npz or cached reference .npz")
     p.add_argument("--reference-limit", type=int, help="use a seeded subset of this many reference images")
@@ -94,12 +100,13 @@ def main(argv=None) -> int:
     spec = spec_from_args(a)
     paths = ModelPaths(tokenizer=a.tokenizer, mar=a.mar, ar=a.ar)
     if a.num_images is None:
-        from maskgil.evaluation.run import generator_info
+        from maskgil.evaluation.run import generator_info, prompt_set
 
-        a.num_images = 50 * generator_info(paths, spec.sampler).num_classes
+        info = generator_info(paths, spec.sampler)
+        a.num_images = len(prompt_set(a.prompts, info.image_hw[0])) if a.prompts else 50 * info.num_classes
     cfg = EvalConfig(paths=paths, spec=spec, num_images=a.num_images, reference=a.reference,
                      reference_limit=a.reference_limit, adm_stats=a.adm_stats, inception_weights=a.inception_weights,
-                     classifier=a.classifier, npz=a.npz, cache_dir=a.cache_dir)
+                     classifier=a.classifier, npz=a.npz, cache_dir=a.cache_dir, prompts=a.prompts)
     kwargs = {}
     if a.engine == "ray":
         import torch

@@ -312,3 +312,91 @@ def test_ray_data_job_equals_local_run(setup, tmp_path, local_ray):
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert got["index"].tolist() == list(range(16))
     np.testing.assert_allclose(got["features"], want["features"], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- text-conditional models
+
+def test_prompt_sets(tmp_path):
+    from maskgil.data.embedded import EmbeddedSpec, make_dataset
+    from maskgil.evaluation.prompts import load_prompts
+
+    classes = load_prompts("embedded:classes")
+    assert len(classes) == 16 and classes.prompts[5] == "a green square" and classes.labels[5] == 5
+    val = load_prompts("embedded:val:8")
+    _, labels, captions = make_dataset(EmbeddedSpec(split="val"), 8)
+    assert val.prompts == tuple(captions) and val.labels == tuple(labels.tolist())
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog on a skateboard \n")
+    assert load_prompts(str(tmp_path / "p.txt")).prompts == ("a cat", "a dog on a skateboard")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle", "label": 0}\n{"caption": "a blue cross", "label": 14}\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")).labels == (0, 14)
+    bad = {"mixed.jsonl": '{"prompt": "a", "label": 1}\n{"prompt": "b"}\n', "nokey.jsonl": '{"text": "a"}\n',
+           "empty.txt": "\n\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError):
+            load_prompts(str(tmp_path / name))
+    with pytest.raises(ValueError, match="embedded:val"):
+        load_prompts("embedded:test")
+    with pytest.raises(FileNotFoundError):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+@pytest.fixture(scope="module")
+def text_setup(setup, tmp_path_factory):
+    from maskgil.checkpoint import save_pretrained
+    from maskgil.models import build_model
+
+    d = tmp_path_factory.mktemp("t2i_eval")
+    torch.manual_seed(4)
+    save_pretrained(build_model("maskgil-tiny", cond="text", text_dim=384, text_len=24, n_layers=2, dim=64),
+                    d / "mar")
+    return {**setup, "mar": str(d / "mar")}
+
+
+def test_text_model_samples_its_prompt_with_its_own_seed(text_setup):
+    """Sample i of a prompt evaluation is sample_maskgit on prompt i mod P's features, seeded by its
+    chunk seed; its label is the prompt's class."""
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.metrics.images import to_uint8_grid
+    from maskgil.sampling import sample_maskgit
+    from maskgil.text import TextEncoder
+    from maskgil.tokenizers import load_tokenizer
+
+    prompts = ["a large red circle on a plain grey background", "a small blue cross on a plain beige background"]
+    spec = SamplerSpec(sampler="mar", steps=3, cfg_scale=2.0, seed=5)
+    worker = SampleAndDecode(dataclasses.asdict(paths_of(text_setup)), dataclasses.asdict(spec), num_images=4,
+                             prompts=prompts, prompt_labels=[0, 14])
+    out = worker({"id": np.arange(4)})
+    assert out["label"].tolist() == [0, 14, 0, 14]
+    mar, tok = load_pretrained(text_setup["mar"]), load_tokenizer(text_setup["tokenizer"])
+    feats, mask = TextEncoder.for_model(mar).encode([prompts[1]])
+    codes = sample_maskgit(mar, feats, (8, 8), steps=3, cfg_scale=2.0, text_mask=mask,
+                           generator=torch.Generator().manual_seed(chunk_seed(5, 3)))
+    want = to_uint8_grid(tok.decode(codes.view(1, 8, 8)))[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(out["image"][3], want)
+    with pytest.raises(ValueError, match="give --prompts"):  # a text model without prompts
+        SampleAndDecode(dataclasses.asdict(paths_of(text_setup)), dataclasses.asdict(spec), num_images=4)
+
+
+@pytest.mark.slow
+def test_prompt_evaluation_end_to_end_local(setup, text_setup, tmp_path):
+    """evaluate() on held-out embedded captions: FID, the judge's accuracy against the prompts' classes,
+    one sample per prompt; class models refuse prompts and text models need them."""
+    from maskgil.classifier import train_embedded_classifier
+
+    train_embedded_classifier(tmp_path / "judge", image_size=64, steps=5)  # any judge: the weights are random
+    cfg = EvalConfig(paths_of(text_setup), SamplerSpec(sampler="mar", steps=2), num_images=8,
+                     reference=text_setup["reference"], classifier=str(tmp_path / "judge"), cache_dir=text_setup["cache"],
+                     grid_images=8, prompts="embedded:val:8", npz=str(tmp_path / "s.npz"))
+    r = evaluate(cfg, engine="local", out_dir=tmp_path, tracking_uri=None, progress=False)
+    assert r["num_generated"] == 8 and r["images_per_prompt"] == 1 and r["prompts"] == "embedded:val:8"
+    assert 0 <= r["class_accuracy"] <= 1 and r["fid"] > 0  # random weights: any accuracy, but judged
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_1"].tolist() == list(range(8))  # embedded val labels cycle through the classes
+    assert "/prompt of embedded:val:8" in format_result(r)
+    with pytest.raises(ValueError, match="multiple of num_prompts=8"):
+        evaluate(dataclasses.replace(cfg, num_images=12), engine="local", tracking_uri=None, progress=False)
+    with pytest.raises(ValueError, match="give prompts"):
+        evaluate(dataclasses.replace(cfg, prompts=None), engine="local", tracking_uri=None, progress=False)
+    with pytest.raises(ValueError, match="class-conditional"):
+        evaluate(dataclasses.replace(cfg, paths=paths_of(setup)), engine="local", tracking_uri=None, progress=False)

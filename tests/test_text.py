@@ -122,15 +122,3 @@ def test_text_conditional_generator_learns_to_follow_captions(encoder, causal):
     want = torch.tensor([1, 3, 2])
     assert (out == want[:, None]).float().mean(1).min() >= 0.9, out
 
-
-def test_class_label_evaluation_refuses_text_models(tmp_path):
-    from maskgil.checkpoint import save_pretrained
-    from maskgil.evaluation.generation import ModelPaths, load_generators
-    from maskgil.models import build_model
-    from maskgil.tokenizers import build_tokenizer
-
-    save_pretrained(build_model("maskgil-tiny", cond="text", text_dim=384, text_len=8, n_layers=1, dim=32, n_heads=2),
-                    tmp_path / "mar")
-    build_tokenizer("llamagen-vq-tiny").save_pretrained(tmp_path / "tok")
-    with pytest.raises(ValueError, match="text-conditional.*bench_text_to_image"):
-        load_generators(ModelPaths(tokenizer=str(tmp_path / "tok"), mar=str(tmp_path / "mar")), "mar")

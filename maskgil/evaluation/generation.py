@@ -93,10 +93,11 @@ def sample_labels(indices, num_classes: int) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64) % num_classes
 
 
-def check_balanced(num_images: int, num_classes: int) -> None:
+def check_balanced(num_images: int, num_classes: int, what: str = "num_classes") -> None:
+    """Every class (or prompt: what="num_prompts") gets the same number of samples."""
     if num_images < 1 or num_images % num_classes:
-        raise ValueError(f"num_images={num_images} must be a positive multiple of num_classes={num_classes} "
-                         f"so every class gets the same number of samples (e.g. {max(1, num_images // num_classes) * num_classes})")
+        raise ValueError(f"num_images={num_images} must be a positive multiple of {what}={num_classes} so every "
+                         f"{what[4:-1]} gets the same number of samples (e.g. {max(1, num_images // num_classes) * num_classes})")
 
 
 def chunk_seed(seed: int, first_index: int) -> int:
@@ -140,8 +141,9 @@ class ModelPaths:
         return self.ar if sampler == "ar" else self.mar
 
 
-def load_generators(paths: ModelPaths, sampler: str, device="cpu"):
-    """(mar, ar, tokenizer) for `sampler`, unused ones None; vocabularies checked against the tokenizer."""
+def load_generators(paths: ModelPaths, sampler: str, device="cpu", text: bool = False):
+    """(mar, ar, tokenizer) for `sampler`, unused ones None; vocabularies checked against the tokenizer,
+    conditioning against `text` (prompts given or not)."""
     from maskgil.checkpoint import load_pretrained
     from maskgil.tokenizers import load_tokenizer
 
@@ -154,9 +156,10 @@ def load_generators(paths: ModelPaths, sampler: str, device="cpu"):
     if ar is not None and not ar.config.causal:
         raise ValueError(f"--ar {paths.ar} is not a causal model")
     for name, m in (("mar", mar), ("ar", ar)):
-        if m is not None and getattr(m.config, "cond", "class") != "class":
-            raise ValueError(f"--{name} {getattr(paths, name)} is text-conditional; this evaluation samples class ids "
-                             "(prompt-following on the embedded set: benchmarks/bench_text_to_image.py)")
+        if m is not None and (getattr(m.config, "cond", "class") == "text") != text:
+            raise ValueError(f"--{name} {getattr(paths, name)} is {getattr(m.config, 'cond', 'class')}-conditional: "
+                             + ("give --prompts (e.g. embedded:val) to evaluate it" if not text
+                                else "--prompts are for text-conditional models"))
         if m is not None and m.config.vocab_size != tok.codebook_size:
             raise ValueError(f"--{name} has vocab {m.config.vocab_size} but the tokenizer has "
                              f"{tok.codebook_size} codes: they were not trained together")
@@ -165,8 +168,10 @@ def load_generators(paths: ModelPaths, sampler: str, device="cpu"):
     return mar, ar, tok
 
 
-def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Token grids (B, h*w) for class labels (B,) with the spec's sampler."""
+def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: torch.Generator,
+                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token grids (B, h*w) for class labels (B,), or text features (B, L, Dt) with their mask, with
+    the spec's sampler."""
     from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 
     model = ar if spec.sampler == "ar" else mar
@@ -175,14 +180,15 @@ def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: to
         return sample_maskgit(mar, labels, grid, steps=spec.steps, schedule=spec.schedule,
                               temperature=spec.temperature, top_k=spec.top_k,
                               choice_temperature=spec.choice_temperature, cfg_scale=spec.cfg_scale,
-                              cfg_schedule=spec.cfg_schedule, generator=generator)
+                              cfg_schedule=spec.cfg_schedule, generator=generator, text_mask=text_mask)
     if spec.sampler == "ar":
         return sample_ar(ar, labels, grid, cfg_scale=spec.cfg_scale, cfg_schedule=spec.cfg_schedule,
-                         temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, generator=generator)
+                         temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, generator=generator,
+                         text_mask=text_mask)
     return sample_fusion(ar, mar, labels, grid, ar_tokens=spec.fusion_k(grid[0] * grid[1]), mar_steps=spec.steps,
                          cfg_scale=spec.cfg_scale, temperature=spec.temperature, top_k=spec.top_k,
                          top_p=spec.top_p, choice_temperature=spec.choice_temperature, schedule=spec.schedule,
-                         generator=generator)
+                         generator=generator, text_mask=text_mask)
 
 
 def _device(num_gpus: float) -> str:
@@ -194,27 +200,46 @@ def _device(num_gpus: float) -> str:
 class SampleAndDecode:
     """Batch {"id": chunk ids} -> one row per sample: index, label, image (uint8 HWC), seconds.
 
-    `seconds` is each sample's share of its chunk's sampling + decoding wall time."""
+    `seconds` is each sample's share of its chunk's sampling + decoding wall time. Text-conditional
+    models draw sample i from `prompts[i % P]`; its label is `prompt_labels[i % P]`, or -1."""
 
-    def __init__(self, paths: dict, spec: dict, num_images: int, num_gpus: float = 0, threads: int | None = None):
+    def __init__(self, paths: dict, spec: dict, num_images: int, num_gpus: float = 0, threads: int | None = None,
+                 prompts: list[str] | None = None, prompt_labels: list[int] | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.spec = SamplerSpec.from_dict(spec)
         self.num_images = num_images
         self.device = _device(num_gpus)
-        self.mar, self.ar, self.tok = load_generators(ModelPaths(**paths), self.spec.sampler, self.device)
+        self.mar, self.ar, self.tok = load_generators(ModelPaths(**paths), self.spec.sampler, self.device,
+                                                      text=prompts is not None)
         model = self.ar if self.spec.sampler == "ar" else self.mar
         self.num_classes = model.config.num_classes
         self.grid = tuple(model.config.grid_size)
+        self.prompts, self.prompt_labels, self.encoder = prompts, prompt_labels, None
+        if prompts is not None:
+            from maskgil.text import TextEncoder
+
+            self.encoder = TextEncoder.for_model(model, device=self.device)
+
+    def _conditions(self, idx: np.ndarray):
+        """(labels (n,) int64, condition tensor, text mask or None) of the samples `idx`."""
+        if self.prompts is None:
+            labels = sample_labels(idx, self.num_classes)
+            return labels, torch.from_numpy(labels).to(self.device), None
+        which = idx % len(self.prompts)
+        labels = (np.asarray(self.prompt_labels, np.int64)[which] if self.prompt_labels is not None
+                  else np.full(len(idx), -1, np.int64))
+        feats, mask = self.encoder.encode([self.prompts[i] for i in which])
+        return labels, feats.to(self.device), mask.to(self.device)
 
     def __call__(self, batch: dict) -> dict:
         out = {"index": [], "label": [], "image": [], "seconds": []}
         for chunk_id in np.asarray(batch["id"]).tolist():
             idx = chunk_indices(chunk_id, self.num_images, self.spec.seed_chunk)
-            labels = sample_labels(idx, self.num_classes)
             start = time.perf_counter()
+            labels, cond, text_mask = self._conditions(idx)
             gen = torch.Generator(device=self.device).manual_seed(chunk_seed(self.spec.seed, idx[0]))
-            codes = sample_codes(self.spec, self.mar, self.ar, torch.from_numpy(labels).to(self.device), gen)
+            codes = sample_codes(self.spec, self.mar, self.ar, cond, gen, text_mask)
             images = to_uint8_nhwc(self.tok.decode(codes.view(len(idx), *self.grid)))  # (B, H, W, 3)
             if self.device == "cuda":
                 torch.cuda.synchronize()

@@ -10,6 +10,7 @@ into the ADM `.npz` when asked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ class EvalConfig:
     grid_images: int = 64
     cache_dir: str = DEFAULT_CACHE_DIR
     k: int = 3  # precision/recall neighbourhood
+    prompts: str | None = None  # text-conditional models: a prompt set (maskgil.evaluation.prompts)
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class GeneratorInfo:
     num_classes: int
     grid: tuple[int, int]
     image_hw: tuple[int, int]
+    cond: str = "class"
 
 
 def generator_info(paths: ModelPaths, sampler: str) -> GeneratorInfo:
@@ -65,7 +68,14 @@ def generator_info(paths: ModelPaths, sampler: str) -> GeneratorInfo:
     cfg = read_config(paths.primary(sampler))["config"]
     grid = tuple(cfg["grid_size"])
     down = load_tokenizer(paths.tokenizer).downsample
-    return GeneratorInfo(int(cfg["num_classes"]), grid, (grid[0] * down, grid[1] * down))
+    return GeneratorInfo(int(cfg["num_classes"]), grid, (grid[0] * down, grid[1] * down), cfg.get("cond", "class"))
+
+
+@functools.lru_cache(maxsize=8)
+def prompt_set(spec: str, image_size: int):
+    from maskgil.evaluation.prompts import load_prompts
+
+    return load_prompts(spec, image_size)
 
 
 # ----------------------------------------------------------------------------------- classifier
@@ -139,9 +149,12 @@ class Collector:
             self.writer.abort()
 
 
-def _workers(cfg: EvalConfig, classifier_dir: str | None, num_gpus: float = 0):
+def _workers(cfg: EvalConfig, classifier_dir: str | None, num_gpus: float = 0, image_hw=(0, 0)):
     sample_kwargs = dict(paths=dataclasses.asdict(cfg.paths), spec=dataclasses.asdict(cfg.spec),
                          num_images=cfg.num_images, num_gpus=num_gpus)
+    if cfg.prompts:
+        ps = prompt_set(cfg.prompts, image_hw[0])
+        sample_kwargs.update(prompts=list(ps.prompts), prompt_labels=None if ps.labels is None else list(ps.labels))
     score_kwargs = dict(inception_weights=cfg.inception_weights, classifier_dir=classifier_dir,
                         keep_images=bool(cfg.npz) or cfg.grid_images > 0, num_gpus=num_gpus)
     return sample_kwargs, score_kwargs
@@ -150,7 +163,7 @@ def _workers(cfg: EvalConfig, classifier_dir: str | None, num_gpus: float = 0):
 def run_local(cfg: EvalConfig, classifier_dir: str | None, image_hw, batch_size: int = 8,
               progress: bool = True) -> dict:
     """The evaluation's workers in this process, chunk batches in order (no Ray)."""
-    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir)
+    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, image_hw=image_hw)
     sampler, scorer = SampleAndDecode(**sample_kwargs), ScoreImages(**score_kwargs)
     collector = Collector(cfg.num_images, image_hw, cfg.npz, cfg.grid_images)
     ids = np.arange(num_chunks(cfg.num_images, cfg.spec.seed_chunk))
@@ -174,7 +187,7 @@ def run_ray_data(cfg: EvalConfig, classifier_dir: str | None, image_hw, sample_a
     Output order is preserved, so the .npz holds samples 0..N-1 in order whatever the pool sizes."""
     import ray
 
-    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, num_gpus)
+    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, num_gpus, image_hw)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
@@ -212,8 +225,9 @@ def summarize(collected: dict, reference, cfg: EvalConfig, info: GeneratorInfo, 
     result = compute_generation_metrics(collected["features"], reference, gen_logits=collected.get("logits"),
                                         feature_network=feature_network, k=cfg.k)
     labels = collected["label"]
-    if "pred" in collected:
-        pred = collected["pred"]
+    known = labels >= 0  # unlabelled prompts have label -1
+    if "pred" in collected and known.any():
+        pred, labels = collected["pred"][known], labels[known]
         (ps, pc), (ts, tc) = shape_and_colour(pred), shape_and_colour(labels)
         result.update(class_accuracy=float((pred == labels).mean()), colour_accuracy=float((pc == tc).mean()),
                       shape_accuracy=float((ps == ts).mean()))
@@ -224,16 +238,20 @@ def summarize(collected: dict, reference, cfg: EvalConfig, info: GeneratorInfo, 
         seconds_per_image=float(collected["seconds"].mean()),  # sampling + decoding, one worker
         images_per_s=cfg.num_images / wall_seconds,  # end to end: all workers, features included
         wall_seconds=wall_seconds,
-        images_per_class=cfg.num_images // info.num_classes,
     )
+    if cfg.prompts:
+        result.update(prompts=cfg.prompts, images_per_prompt=cfg.num_images // len(prompt_set(cfg.prompts,
+                                                                                             info.image_hw[0])))
+    else:
+        result["images_per_class"] = cfg.num_images // info.num_classes
     return result
 
 
 def format_result(r: dict) -> str:
     """Human-readable lines; every metric line names the network and reference it comes from."""
     src = f"[{r['feature_network']} vs {r['reference']}]"
-    lines = [f"{r['sampler']}: {r['num_generated']} samples ({r['images_per_class']}/class), "
-             f"{r['model_steps']} model steps/image",
+    per = f"{r['images_per_prompt']}/prompt of {r['prompts']}" if "prompts" in r else f"{r['images_per_class']}/class"
+    lines = [f"{r['sampler']}: {r['num_generated']} samples ({per}), {r['model_steps']} model steps/image",
              f"  FID {r['fid']:.3f}  {src}"]
     if "precision" in r:
         lines.append(f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}  (k=3)  {src}")
@@ -268,7 +286,8 @@ def log_evaluation(result: dict, cfg: EvalConfig, tracking_uri: str, experiment:
     mlflow.set_experiment(experiment)
     params = {f"sampler.{k}": v for k, v in dataclasses.asdict(cfg.spec).items()}
     params.update({f"checkpoint.{k}": v for k, v in dataclasses.asdict(cfg.paths).items() if v},
-                  num_images=cfg.num_images, reference=cfg.reference, inception_weights=cfg.inception_weights or "fid-helper",
+                  num_images=cfg.num_images, reference=cfg.reference, prompts=cfg.prompts or "none",
+                  inception_weights=cfg.inception_weights or "fid-helper",
                   classifier=result.get("classifier", "none"))
     tags = {"feature_network": result["feature_network"], "reference": result["reference"],
             "reference_feature_network": result["reference_feature_network"], "sampler_label": result["sampler"]}
@@ -306,11 +325,23 @@ def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
     from maskgil.metrics import InceptionFeatureExtractor
 
     info = generator_info(cfg.paths, cfg.spec.sampler)
-    check_balanced(cfg.num_images, info.num_classes)
+    num_classes = info.num_classes
+    if info.cond == "text":
+        from maskgil.data.embedded import NUM_CLASSES
+
+        if not cfg.prompts:
+            raise ValueError("the generator is text-conditional: give prompts (e.g. embedded:val, or a prompt file)")
+        ps = prompt_set(cfg.prompts, info.image_hw[0])
+        check_balanced(cfg.num_images, len(ps), "num_prompts")
+        num_classes = NUM_CLASSES if ps.labels is not None else 0  # labelled embedded prompts: the judge applies
+    elif cfg.prompts:
+        raise ValueError("prompts are for text-conditional generators; this one is class-conditional")
+    else:
+        check_balanced(cfg.num_images, info.num_classes)
     extractor = InceptionFeatureExtractor(cfg.inception_weights)
     reference, path = load_reference(cfg.reference, info.image_hw, extractor, cfg.cache_dir, limit=cfg.reference_limit,
                                      adm_stats=cfg.adm_stats, progress=progress)
-    classifier_dir = resolve_classifier(cfg.classifier, info.num_classes, info.image_hw[0], cfg.cache_dir)
+    classifier_dir = resolve_classifier(cfg.classifier, num_classes, info.image_hw[0], cfg.cache_dir)
     return Prepared(info, reference, path, extractor.feature_network, classifier_dir)
 
 

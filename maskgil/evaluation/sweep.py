@@ -97,7 +97,7 @@ def sampling_trial(config: dict, context: dict) -> None:
     cfg = EvalConfig(paths=ModelPaths(**context["models"]), spec=spec, num_images=int(context["num_images"]),
                      reference=context["reference"], classifier=context.get("classifier_dir") or "none",
                      inception_weights=context.get("inception_weights"), cache_dir=context["cache_dir"],
-                     grid_images=int(context.get("grid_images", 16)))
+                     grid_images=int(context.get("grid_images", 16)), prompts=context.get("prompts"))
     trial_dir = tune.get_context().get_trial_dir() or "."
     result = evaluate(cfg, engine="local", out_dir=trial_dir, tracking_uri=None, progress=False,
                       batch_size=int(context.get("batch_size", 8)))
@@ -125,11 +125,12 @@ def run_sampling_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: st
         paths.check(s)
     probe = EvalConfig(paths=paths, spec=first, num_images=int(sweep["num_images"]), reference=sweep["reference"],
                        reference_limit=sweep.get("reference_limit"), inception_weights=sweep.get("inception_weights"),
-                       classifier=sweep.get("classifier", "auto"), cache_dir=cache_dir)
+                       classifier=sweep.get("classifier", "auto"), cache_dir=cache_dir, prompts=sweep.get("prompts"))
     prep = prepare(probe, progress=progress)  # reference features and classifier once, before the trials
     context = {"models": models, "reference": str(prep.reference_path), "num_images": int(sweep["num_images"]),
                "classifier_dir": prep.classifier_dir, "inception_weights": sweep.get("inception_weights"),
                "cache_dir": cache_dir, "batch_size": sweep.get("batch_size", 8), "threads": sweep.get("threads", 1),
+               "prompts": sweep.get("prompts"),
                "grid_images": sweep.get("grid_images", 16)}
     trainable = tune.with_resources(tune.with_parameters(sampling_trial, context=context),
                                     {"cpu": float(sweep["cpus_per_trial"]), "gpu": float(sweep.get("gpus_per_trial", 0))})

@@ -1,0 +1,66 @@
+"""Prompt sets for evaluating text-conditional generators.
+
+A prompt set is a list of prompts and, when known, the embedded-set class each one describes (so
+the embedded classifier can check what was drawn). Sample i of an evaluation uses prompt i mod P.
+
+    embedded:val[:N]     the first N (default 512) captions of the embedded val split: unseen
+                         captions from the training grammar, labelled
+    embedded:classes     one short prompt per class ("a red circle"), labelled: a phrasing the
+                         embedded training captions never use
+    prompts.txt          one prompt per line (unlabelled), e.g. COCO-style caption lists
+    prompts.jsonl        {"prompt": ..., "label": optional class id} per line
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    prompts: tuple[str, ...]
+    labels: tuple[int, ...] | None  # embedded-set class per prompt, or None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def load_prompts(spec: str, image_size: int = 64) -> PromptSet:
+    """Parse a prompt-set spec (see the module docstring)."""
+    if spec.startswith("embedded:"):
+        from maskgil.data.embedded import CLASS_NAMES, EmbeddedSpec, make_dataset
+
+        what, _, n = spec[len("embedded:"):].partition(":")
+        if what == "classes" and not n:
+            return PromptSet(tuple(f"a {name}" for name in CLASS_NAMES), tuple(range(len(CLASS_NAMES))), spec)
+        if what == "val":
+            count = int(n) if n else 512
+            if count < 1:
+                raise ValueError(f"{spec}: the prompt count must be >= 1")
+            _, labels, captions = make_dataset(EmbeddedSpec(split="val", width=image_size, height=image_size), count)
+            return PromptSet(tuple(captions), tuple(int(x) for x in labels), spec)
+        raise ValueError(f"unknown embedded prompt set {spec!r}: use embedded:val[:N] or embedded:classes")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {spec} not found (or use embedded:val[:N] / embedded:classes)")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                row = json.loads(ln)
+                rows.append((str(row.get("prompt") or row["caption"]), row.get("label")))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{spec}:{i}: expected a JSON object with a 'prompt' (or 'caption') field") from e
+        labels = [lab for _, lab in rows]
+        if any(lab is None for lab in labels) and not all(lab is None for lab in labels):
+            raise ValueError(f"{spec}: label every prompt or none")
+        prompts = tuple(p for p, _ in rows)
+        out = PromptSet(prompts, None if labels[0] is None else tuple(int(x) for x in labels), spec) if rows else None
+    else:
+        out = PromptSet(tuple(ln.strip() for ln in lines), None, spec) if lines else None
+    if out is None:
+        raise ValueError(f"{spec}: no prompts")
+    return out
