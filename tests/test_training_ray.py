@@ -71,6 +71,14 @@ def test_tiny_configs_and_overrides():
         load_run_config(None, {"train": {"learning_rate": 1}})
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["max_steps=3"])
+    # The text-conditional pair differs from the class pair only by the text prefix, which Serve's
+    # fusion needs to be the same in both models.
+    text = {k: load_run_config(CONFIGS / f"train_{k}_t2i_tiny.yaml")["train"] for k in ("maskgil", "llamagen")}
+    for k, base in (("maskgil", mar), ("llamagen", ar)):
+        extra = {f: v for f, v in text[k]["model_overrides"].items() if f not in base["train"].get("model_overrides", {})}
+        assert extra == {"cond": "text", "text_dim": 384, "text_len": 24, "text_encoder": "all-minilm-l6-v2"}
+        assert {f: v for f, v in text[k].items() if f != "model_overrides"} == \
+            {f: v for f, v in base["train"].items() if f != "model_overrides"}
 
 
 def test_kuberay_train_manifest():
