@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rotate", action="store_true", default=None, help="turn each shape by a random angle")
     p.add_argument("--textures", nargs="+", choices=list(TEXTURES) + ["all"], help="background textures to draw from")
     p.add_argument("--max-clutter", type=int, help="up to this many grey marks under the object")
+    p.add_argument("--caption-style", choices=["varied", "fixed"],
+                   help="varied (default): several phrasings; fixed: always the full description")
     p.add_argument("--size-range", type=float, nargs=2, metavar=("LO", "HI"),
                    help="object extent as a fraction of the short side")
     args = p.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         args.textures = TEXTURES if "all" in args.textures else tuple(args.textures)
     if args.size_range:
         args.size_range = tuple(args.size_range)
-    options = {k: getattr(args, k) for k in ("rotate", "textures", "max_clutter", "size_range")
+    options = {k: getattr(args, k) for k in ("rotate", "textures", "max_clutter", "size_range", "caption_style")
                if getattr(args, k) is not None}
 
     t0 = time.time()

@@ -322,6 +322,8 @@ def test_prompt_sets(tmp_path):
 
     classes = load_prompts("embedded:classes")
     assert len(classes) == 16 and classes.prompts[5] == "a green square" and classes.labels[5] == 5
+    unseen = load_prompts("embedded:unseen")
+    assert unseen.prompts[5] == "a picture of a green square" and unseen.labels == classes.labels
     val = load_prompts("embedded:val:8")
     _, labels, captions = make_dataset(EmbeddedSpec(split="val"), 8)
     assert val.prompts == tuple(captions) and val.labels == tuple(labels.tolist())

@@ -16,6 +16,9 @@ in-process (same tokenizer, model and 1,200 steps; share of 8-step samples at CF
 class): objects at 40-60% with rotation, textures and clutter 35-38%; at 55-70% 44%; without
 rotation 55%; and with plain backgrounds and no clutter as well (these defaults) 70%.
 
+Captions describe each image in one of several phrasings (CAPTION_TEMPLATES: the full description
+half the time, "a red circle"-style short ones otherwise; `caption_style="fixed"` keeps the full one).
+
 Formats written to disk (the ones real data comes in, so the real code paths run):
 - ImageNet folder: `<root>/{train,val}/<class_dir>/<name>.JPEG`;
 - Parquet (Hugging Face style): `image` struct {bytes, path} (or a binary column), `label`, `caption`;
@@ -54,6 +57,17 @@ BACKGROUND_COLOURS = {
     "beige": (178, 166, 146),
 }
 TEXTURES = ("plain", "gradient", "noisy", "striped")
+# Caption phrasings and their weights: the full description half the time, shorter ones otherwise,
+# so a text-conditional model learns words, not one sentence template ("fixed" keeps the first).
+CAPTION_TEMPLATES = (
+    ("a {size} {colour} {shape}{rot} on a {texture} {background} background{clutter}", 5),
+    ("a {colour} {shape}", 1),
+    ("a {size} {colour} {shape}", 1),
+    ("a {colour} {shape} on a {background} background", 1),
+    ("{colour} {shape}", 1),
+    ("a {shape} in {colour}{rot}, {texture} {background} background{clutter}", 1),
+)
+CAPTION_STYLES = ("varied", "fixed")
 CLUTTER_COLOURS = ((100, 100, 100), (160, 160, 160), (95, 85, 75), (200, 200, 200))
 
 # Shape geometry in units of the object's extent s (see `_shape_polygon`): the radius of the
@@ -85,8 +99,11 @@ class EmbeddedSpec:
     textures: tuple[str, ...] = ("plain",)  # background textures drawn from (any of TEXTURES)
     max_clutter: int = 0  # small grey marks under the object, 0..max_clutter per image
     aspect_ratios: tuple[float, ...] | None = None
+    caption_style: str = "varied"  # "varied": CAPTION_TEMPLATES by weight; "fixed": the full one only
 
     def __post_init__(self):
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(f"caption_style must be one of {CAPTION_STYLES}, got {self.caption_style!r}")
         if self.split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {self.split!r}")
         if self.width < 8 or self.height < 8:
@@ -116,6 +133,7 @@ class ImageAttributes:
     texture: str
     background: str
     n_clutter: int
+    phrasing: int = 0  # index into CAPTION_TEMPLATES
 
     @property
     def size_word(self) -> str:
@@ -125,7 +143,9 @@ class ImageAttributes:
     def caption(self) -> str:
         rot = "" if self.shape == "circle" or self.rotation == 0 else f" rotated {self.rotation} degrees"
         clutter = "" if self.n_clutter == 0 else f" with {self.n_clutter} small grey mark{'s' if self.n_clutter > 1 else ''}"
-        return f"a {self.size_word} {self.colour} {self.shape}{rot} on a {self.texture} {self.background} background{clutter}"
+        return CAPTION_TEMPLATES[self.phrasing][0].format(size=self.size_word, colour=self.colour, shape=self.shape,
+                                                          rot=rot, texture=self.texture, background=self.background,
+                                                          clutter=clutter)
 
 
 def _rng(spec: EmbeddedSpec, index: int) -> np.random.Generator:
@@ -155,7 +175,13 @@ def sample_attributes(spec: EmbeddedSpec, index: int) -> ImageAttributes:
     texture = spec.textures[rng.integers(len(spec.textures))]
     background = tuple(BACKGROUND_COLOURS)[rng.integers(len(BACKGROUND_COLOURS))]
     n_clutter = int(rng.integers(spec.max_clutter + 1))
-    return ImageAttributes(label, shape, colour, w, h, extent, cx, cy, rotation, texture, background, n_clutter)
+    phrasing = 0
+    if spec.caption_style == "varied":  # its own stream: the image does not depend on the phrasing
+        weights = np.array([wt for _, wt in CAPTION_TEMPLATES], np.float64)
+        phrasing = int(np.random.default_rng([spec.seed, _SPLITS[spec.split], index, 2]).choice(
+            len(weights), p=weights / weights.sum()))
+    return ImageAttributes(label, shape, colour, w, h, extent, cx, cy, rotation, texture, background, n_clutter,
+                           phrasing)
 
 
 def _rotate(points: np.ndarray, degrees: float, cx: float, cy: float) -> list[tuple[float, float]]:

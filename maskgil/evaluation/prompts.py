@@ -5,8 +5,10 @@ the embedded classifier can check what was drawn). Sample i of an evaluation use
 
     embedded:val[:N]     the first N (default 512) captions of the embedded val split: unseen
                          captions from the training grammar, labelled
-    embedded:classes     one short prompt per class ("a red circle"), labelled: a phrasing the
-                         embedded training captions never use
+    embedded:classes     one short prompt per class ("a red circle"), labelled: one of the
+                         phrasings of the (default, varied) embedded captions
+    embedded:unseen      one prompt per class in a phrasing no embedded caption uses
+                         ("a picture of a red circle"), labelled
     prompts.txt          one prompt per line (unlabelled), e.g. COCO-style caption lists
     prompts.jsonl        {"prompt": ..., "label": optional class id} per line
 """
@@ -33,15 +35,17 @@ def load_prompts(spec: str, image_size: int = 64) -> PromptSet:
         from maskgil.data.embedded import CLASS_NAMES, EmbeddedSpec, make_dataset
 
         what, _, n = spec[len("embedded:"):].partition(":")
-        if what == "classes" and not n:
-            return PromptSet(tuple(f"a {name}" for name in CLASS_NAMES), tuple(range(len(CLASS_NAMES))), spec)
+        if what in ("classes", "unseen") and not n:
+            form = "a {}" if what == "classes" else "a picture of a {}"
+            return PromptSet(tuple(form.format(name) for name in CLASS_NAMES), tuple(range(len(CLASS_NAMES))), spec)
         if what == "val":
             count = int(n) if n else 512
             if count < 1:
                 raise ValueError(f"{spec}: the prompt count must be >= 1")
             _, labels, captions = make_dataset(EmbeddedSpec(split="val", width=image_size, height=image_size), count)
             return PromptSet(tuple(captions), tuple(int(x) for x in labels), spec)
-        raise ValueError(f"unknown embedded prompt set {spec!r}: use embedded:val[:N] or embedded:classes")
+        raise ValueError(f"unknown embedded prompt set {spec!r}: use embedded:val[:N], embedded:classes or "
+                         "embedded:unseen")
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec} not found (or use embedded:val[:N] / embedded:classes)")
