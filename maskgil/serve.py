@@ -329,7 +329,6 @@ class Fusion:
         if text:  # prompts are encoded once, here, and both model stages get the same features
             from maskgil.text import TextEncoder
 
-            self.text_len = text["text_len"]
             self.text_encoder = TextEncoder(text["encoder"], max_len=text["text_len"])
             if self.text_encoder.dim != text["text_dim"]:
                 raise ValueError(f"text encoder {text['encoder']!r} gives {self.text_encoder.dim}-d features, the "
@@ -373,7 +372,8 @@ class Fusion:
         try:
             if self.text_encoder is not None:
                 t0 = time.perf_counter()
-                feats, mask = await asyncio.to_thread(self.text_encoder.encode, [req.prompt], self.text_len)
+                feats, mask = await asyncio.to_thread(self.text_encoder.encode, [req.prompt],
+                                                      self.text_encoder.max_len)  # pad to text_len
                 item.update(text=feats[0], text_mask=mask[0])
                 timings["text"] = {"wall_ms": round((time.perf_counter() - t0) * 1e3, 2),
                                    "word_pieces": int(mask.sum())}
@@ -437,8 +437,8 @@ class Fusion:
         """What is loaded: checkpoints (path, config, parameter count, weights hash), tokenizer, limits."""
         ar, mar = await asyncio.gather(self.ar.info.remote(), self.mar.info.remote())
         tok = self.local_decoder.info if self.decoder is None else await self.decoder.info.remote()
-        text = None if self.text_encoder is None else {"encoder": self.text_encoder.name, "text_len": self.text_len,
-                                                        "dim": self.text_encoder.dim}
+        enc = self.text_encoder
+        text = None if enc is None else {"encoder": enc.name, "text_len": enc.max_len, "dim": enc.dim}
         return {"ar": ar, "mar": mar, "tokenizer": tok, "cond": self.shape.cond, "text_encoder": text,
                 "num_classes": self.shape.num_classes,
                 "codebook_size": self.shape.vocab_size, "native_resolution": [g * self.shape.downsample for g in self.shape.native_grid],

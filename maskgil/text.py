@@ -12,7 +12,6 @@ lot in practice (and completely in the embedded set), so features are kept in an
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -67,15 +66,6 @@ class TextEncoder:
         if enc.dim != c.text_dim:
             raise ValueError(f"text encoder {enc.name!r} gives {enc.dim}-d features, the model expects {c.text_dim}")
         return enc
-
-    def weights_sha256(self) -> str:
-        files = sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
-        h = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
 
     @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:

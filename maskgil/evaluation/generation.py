@@ -93,11 +93,12 @@ def sample_labels(indices, num_classes: int) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64) % num_classes
 
 
-def check_balanced(num_images: int, num_classes: int, what: str = "num_classes") -> None:
-    """Every class (or prompt: what="num_prompts") gets the same number of samples."""
+def check_balanced(num_images: int, num_classes: int, unit: str = "class") -> None:
+    """Every class (or prompt: unit="prompt") gets the same number of samples."""
     if num_images < 1 or num_images % num_classes:
-        raise ValueError(f"num_images={num_images} must be a positive multiple of {what}={num_classes} so every "
-                         f"{what[4:-1]} gets the same number of samples (e.g. {max(1, num_images // num_classes) * num_classes})")
+        plural = "classes" if unit == "class" else f"{unit}s"
+        raise ValueError(f"num_images={num_images} must be a positive multiple of num_{plural}={num_classes} so every "
+                         f"{unit} gets the same number of samples (e.g. {max(1, num_images // num_classes) * num_classes})")
 
 
 def chunk_seed(seed: int, first_index: int) -> int:

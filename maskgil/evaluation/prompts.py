@@ -49,22 +49,19 @@ def load_prompts(spec: str, image_size: int = 64) -> PromptSet:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {spec} not found (or use embedded:val[:N] / embedded:classes)")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, ln in enumerate(lines, 1):
-            try:
-                row = json.loads(ln)
-                rows.append((str(row.get("prompt") or row["caption"]), row.get("label")))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{spec}:{i}: expected a JSON object with a 'prompt' (or 'caption') field") from e
-        labels = [lab for _, lab in rows]
-        if any(lab is None for lab in labels) and not all(lab is None for lab in labels):
-            raise ValueError(f"{spec}: label every prompt or none")
-        prompts = tuple(p for p, _ in rows)
-        out = PromptSet(prompts, None if labels[0] is None else tuple(int(x) for x in labels), spec) if rows else None
-    else:
-        out = PromptSet(tuple(ln.strip() for ln in lines), None, spec) if lines else None
-    if out is None:
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
         raise ValueError(f"{spec}: no prompts")
-    return out
+    if path.suffix != ".jsonl":
+        return PromptSet(tuple(lines), None, spec)
+    prompts, labels = [], []
+    for i, ln in enumerate(lines, 1):
+        try:
+            row = json.loads(ln)
+            prompts.append(str(row.get("prompt") or row["caption"]))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{spec}:{i}: expected a JSON object with a 'prompt' (or 'caption') field") from e
+        labels.append(row.get("label"))
+    if None in labels and any(lab is not None for lab in labels):
+        raise ValueError(f"{spec}: label every prompt or none")
+    return PromptSet(tuple(prompts), None if None in labels else tuple(int(x) for x in labels), spec)

@@ -149,7 +149,7 @@ class Collector:
             self.writer.abort()
 
 
-def _workers(cfg: EvalConfig, classifier_dir: str | None, num_gpus: float = 0, image_hw=(0, 0)):
+def _workers(cfg: EvalConfig, classifier_dir: str | None, image_hw: tuple[int, int], num_gpus: float = 0):
     sample_kwargs = dict(paths=dataclasses.asdict(cfg.paths), spec=dataclasses.asdict(cfg.spec),
                          num_images=cfg.num_images, num_gpus=num_gpus)
     if cfg.prompts:
@@ -163,7 +163,7 @@ def _workers(cfg: EvalConfig, classifier_dir: str | None, num_gpus: float = 0, i
 def run_local(cfg: EvalConfig, classifier_dir: str | None, image_hw, batch_size: int = 8,
               progress: bool = True) -> dict:
     """The evaluation's workers in this process, chunk batches in order (no Ray)."""
-    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, image_hw=image_hw)
+    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, image_hw)
     sampler, scorer = SampleAndDecode(**sample_kwargs), ScoreImages(**score_kwargs)
     collector = Collector(cfg.num_images, image_hw, cfg.npz, cfg.grid_images)
     ids = np.arange(num_chunks(cfg.num_images, cfg.spec.seed_chunk))
@@ -187,7 +187,7 @@ def run_ray_data(cfg: EvalConfig, classifier_dir: str | None, image_hw, sample_a
     Output order is preserved, so the .npz holds samples 0..N-1 in order whatever the pool sizes."""
     import ray
 
-    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, num_gpus, image_hw)
+    sample_kwargs, score_kwargs = _workers(cfg, classifier_dir, image_hw, num_gpus)
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True
@@ -332,7 +332,7 @@ def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
         if not cfg.prompts:
             raise ValueError("the generator is text-conditional: give prompts (e.g. embedded:val, or a prompt file)")
         ps = prompt_set(cfg.prompts, info.image_hw[0])
-        check_balanced(cfg.num_images, len(ps), "num_prompts")
+        check_balanced(cfg.num_images, len(ps), "prompt")
         num_classes = NUM_CLASSES if ps.labels is not None else 0  # labelled embedded prompts: the judge applies
     elif cfg.prompts:
         raise ValueError("prompts are for text-conditional generators; this one is class-conditional")

@@ -241,16 +241,14 @@ def check_class_ids(labels: torch.Tensor, num_classes: int):
 class ClassEmbedding(nn.Module):
     """Class table with a null row (index num_classes) used for CFG's unconditional branch."""
 
-    def __init__(self, num_classes: int, dim: int, dropout: float):
+    def __init__(self, num_classes: int, dim: int):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
+        self.num_classes = num_classes
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, labels, drop=None):  # labels (B,) -> (B, 1, D)
         if not torch.compiler.is_compiling():  # a graph cannot branch on values: compiled callers check first
             check_class_ids(labels, self.num_classes)
-        if drop is None and self.training and self.dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)[:, None]
@@ -259,9 +257,9 @@ class ClassEmbedding(nn.Module):
 class TextProjection(nn.Module):
     """Projects text-encoder features into prefix tokens; a learned null sequence serves CFG."""
 
-    def __init__(self, text_dim: int, text_len: int, dim: int, dropout: float):
+    def __init__(self, text_dim: int, text_len: int, dim: int):
         super().__init__()
-        self.text_len, self.dropout = text_len, dropout
+        self.text_len = text_len
         self.mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.null_text = nn.Parameter(torch.randn(text_len, text_dim) * 0.02)
 
@@ -273,8 +271,6 @@ class TextProjection(nn.Module):
             raise ValueError(f"text has {L} tokens, model prefix holds {self.text_len}")
         if L < self.text_len:
             feats = F.pad(feats, (0, 0, 0, self.text_len - L))
-        if drop is None and self.training and self.dropout > 0:
-            drop = torch.rand(B, device=feats.device) < self.dropout
         if drop is not None:
             feats = torch.where(drop[:, None, None], self.null_text.to(feats.dtype).expand_as(feats), feats)
         return self.mlp(feats)
@@ -293,9 +289,9 @@ class LlamaGenerator(nn.Module):
         else:
             self.tok_embeddings = nn.Embedding(cfg.vocab_size + extra, cfg.dim)
         if cfg.cond == "class":
-            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout)
+            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim)
         else:
-            self.text_projection = TextProjection(cfg.text_dim, cfg.text_len, cfg.dim, cfg.class_dropout)
+            self.text_projection = TextProjection(cfg.text_dim, cfg.text_len, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -395,8 +391,8 @@ class LlamaGenerator(nn.Module):
         self._check_tokens(tokens, grid)
         B, N = tokens.shape
         P = self.config.prefix_len
-        if self.config.cond == "text" and drop_cond is None and self.training and self.config.class_dropout > 0:
-            drop_cond = torch.rand(B, device=tokens.device) < self.config.class_dropout  # the key mask needs it too
+        if drop_cond is None and self.training and self.config.class_dropout > 0:  # CFG training, drawn here
+            drop_cond = torch.rand(B, device=tokens.device) < self.config.class_dropout  # (the text key mask needs it)
         prefix = self.embed_condition(cond, drop_cond)  # (B, P, D)
         body = tokens[:, :-1] if self.config.causal else tokens  # causal: token i is predicted at i-1
         x = torch.cat([prefix, self.embed_tokens(body)], dim=1)  # (B, L, D); L = P + N (- 1 if causal)
