@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maskgil.data.pretokenize import ShardAssembler
-from maskgil.data.shards import (TokenShardWriter, iter_token_batches, load_tokens, read_manifest, token_dtype,
-                                 token_schema)
+from maskgil.data.shards import (TokenShardWriter, bucket_batches, bucket_grids, is_bucketed, iter_token_batches,
+                                 load_tokens, read_manifest, token_dtype, token_schema)
 
 
 def _rows(n, n_tok, codebook, seed=0, label0=0):
@@ -41,6 +41,7 @@ def test_write_read_round_trip(tmp_path, codebook):
     m = w.finalize(2, {"image_size": 32, "grid": [2, 4]})
     assert (m["rows_written"], m["inputs_seen"], m["inputs_written"], m["inputs_quarantined"]) == (10, 12, 10, 2)
     assert read_manifest(str(tmp_path))["token_dtype"] == ("uint16" if codebook <= 65536 else "uint32")
+    assert not is_bucketed(str(tmp_path)) and bucket_grids(str(tmp_path)) == []
     t = pq.read_table(tmp_path / "shards" / "shard-000001.parquet")
     assert t.schema.field("tokens").type.value_type == (pa.uint16() if codebook <= 65536 else pa.uint32())
     got = load_tokens(str(tmp_path))
@@ -112,11 +113,50 @@ def test_variable_grids_need_a_choice(tmp_path):
     toks = [np.arange(8), np.arange(6), np.arange(8) + 1]
     w.write(0, "fp", {"tokens": toks, "grid_h": [2, 2, 2], "grid_w": [4, 3, 4], "caption": ["a", "b", "c"],
                       "source": ["x", "y", "z"], "aug": [0, 0, 0]}, [], 3)
-    w.finalize(1, {"grid": None})
+    w.finalize(1, {"grid": None, "buckets": [[32, 16], [24, 16]], "tokenizer": {"downsample": 8}})
+    assert is_bucketed(str(tmp_path)) and bucket_grids(str(tmp_path)) == [(2, 4), (2, 3)]  # (w, h) px -> (h, w) tokens
     with pytest.raises(ValueError, match="several token grids"):
         list(iter_token_batches(str(tmp_path), 2))
     (b,) = list(iter_token_batches(str(tmp_path), 4, grid=(2, 4)))
     assert b["caption"] == ["a", "c"] and b["tokens"].tolist() == [list(range(8)), list(range(1, 9))]
+
+
+def test_bucket_batches_regroup_rows_by_grid():
+    """Mixed-grid rows (what token_dataset gives for bucketed shards) come out as one-grid batches
+    of exactly the batch size, each row intact, in arrival order within its grid; leftovers drop."""
+    grids = [(4, 4), (3, 5), (5, 3)]
+    rng = np.random.default_rng(0)
+    order = rng.integers(0, 3, 50)  # row i has grid grids[order[i]] and tokens [i, i, ...]
+    rows = [(np.full(grids[k][0] * grids[k][1], i, np.uint16), *grids[k], f"cap {i}") for i, k in enumerate(order)]
+
+    def incoming(size):  # numpy batches as Ray Data yields them: object arrays when lengths differ
+        for lo in range(0, len(rows), size):
+            chunk = rows[lo:lo + size]
+            tokens = np.empty(len(chunk), dtype=object)
+            tokens[:] = [r[0] for r in chunk]
+            yield {"tokens": tokens, "grid_h": np.array([r[1] for r in chunk], np.int16),
+                   "grid_w": np.array([r[2] for r in chunk], np.int16),
+                   "caption": np.array([r[3] for r in chunk], dtype=object)}
+
+    out = list(bucket_batches(incoming(7), 4))
+    want = {g: [i for i, k in enumerate(order) if grids[k] == g] for g in grids}
+    for g in grids:  # the i-th batch of grid g holds that grid's rows 4i..4i+3
+        got = [b for b in out if b["grid"] == g]
+        assert len(got) == len(want[g]) // 4
+        for j, b in enumerate(got):
+            ids = want[g][4 * j:4 * j + 4]
+            assert b["tokens"].dtype == np.int64 and b["tokens"].shape == (4, g[0] * g[1])
+            assert b["tokens"][:, 0].tolist() == ids and (b["tokens"] == b["tokens"][:, :1]).all()
+            assert list(b["caption"]) == [f"cap {i}" for i in ids]
+    # a batch is emitted as soon as its grid's 4th row arrives: order by the arrival of that row
+    done = sorted((want[g][4 * j + 3], g, j) for g in grids for j in range(len(want[g]) // 4))
+    assert [(b["grid"], int(b["tokens"][0, 0])) for b in out] == [(g, want[g][4 * j]) for _, g, j in done]
+    labels = {"tokens": np.arange(12).reshape(3, 4), "grid_h": np.array([2, 2, 2]), "grid_w": np.array([2, 2, 2]),
+              "label": np.array([5, 6, 7])}
+    (b,) = bucket_batches([labels], 3)
+    assert b["label"].tolist() == [5, 6, 7] and b["grid"] == (2, 2)
+    with pytest.raises(ValueError, match="3 tokens for a 2x2 grid"):
+        list(bucket_batches([{**labels, "tokens": np.arange(9).reshape(3, 3)}], 3))
 
 
 def test_assembler_waits_for_all_records():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -319,7 +319,11 @@ def _to_training_columns(batch: pa.Table) -> dict[str, np.ndarray]:
 
 def token_dataset(shard_dir: str, grid: tuple[int, int] | None = None):
     """The shards as a `ray.data.Dataset` of {"tokens": int64 (h*w,), "label": int64} rows (caption
-    sets: "caption" str instead of "label"), for Ray Train (`get_dataset_shard(...).iter_batches(...)`)."""
+    sets: "caption" str instead of "label"), for Ray Train (`get_dataset_shard(...).iter_batches(...)`).
+
+    Shards with aspect-ratio buckets hold several grids: `grid` picks one, and grid=None keeps them
+    all, each row with its own "grid_h", "grid_w" and a variable-length "tokens" list; group those
+    into one-grid batches with `bucket_batches`."""
     import ray.data
 
     from ray.data.expressions import col
@@ -328,11 +332,51 @@ def token_dataset(shard_dir: str, grid: tuple[int, int] | None = None):
     fs, files = shard_files(shard_dir)
     ds = ray.data.read_parquet(files, filesystem=fs)
     fixed = tuple(m["grid"]) if m.get("grid") else None
+    keep = ["tokens", "caption" if m.get("target") == "caption" else "label"]
     if fixed is None:  # aspect-ratio buckets: several grids in the same files
         if grid is None:
-            raise ValueError(f"{shard_dir}: shards use aspect-ratio buckets {m.get('buckets')}: pass grid=(h, w) to pick one")
+            return ds.select_columns(keep + ["grid_h", "grid_w"])
         ds = ds.filter(expr=(col("grid_h") == int(grid[0])) & (col("grid_w") == int(grid[1])))
     elif grid is not None and tuple(grid) != fixed:
         raise ValueError(f"{shard_dir}: shards hold a {fixed[0]}x{fixed[1]} token grid, not {grid[0]}x{grid[1]}")
-    keep = ["tokens", "caption" if m.get("target") == "caption" else "label"]
     return ds.select_columns(keep).map_batches(_to_training_columns, batch_format="pyarrow")
+
+
+def is_bucketed(shard_dir: str) -> bool:
+    """Whether the shards hold several token grids (pretokenized with aspect-ratio buckets)."""
+    return not read_manifest(shard_dir).get("grid")
+
+
+def bucket_grids(shard_dir: str) -> list[tuple[int, int]]:
+    """Token grids (h, w) of the aspect-ratio buckets of a shard set, from its manifest's bucket image
+    sizes (w, h) and tokenizer downsample factor; [] when the manifest does not say."""
+    m = read_manifest(shard_dir)
+    d = (m.get("tokenizer") or {}).get("downsample")
+    return [(h // d, w // d) for w, h in m.get("buckets") or []] if d else []
+
+
+def bucket_batches(batches: Iterable[dict], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Regroup rows of mixed grids into batches of exactly `batch_size` rows that share one grid.
+
+    `batches`: numpy dicts with "tokens" (rows of h*w ids, an object array when grids differ),
+    "grid_h", "grid_w" and "label" or "caption" (what `token_dataset(grid=None)` gives). Yields
+    {"tokens": int64 (batch_size, h*w), "grid": (h, w), "label" | "caption"} as soon as a grid's
+    buffer fills, so the input order (shuffled upstream) decides which bucket comes next; rows
+    left in partly filled buffers at the end are dropped, like `drop_last`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    buffers: dict[tuple[int, int], list[tuple]] = {}
+    for b in batches:
+        target = "caption" if "caption" in b else "label"
+        for tokens, h, w, c in zip(b["tokens"], b["grid_h"], b["grid_w"], b[target]):
+            grid = (int(h), int(w))
+            if len(tokens) != grid[0] * grid[1]:
+                raise ValueError(f"a row holds {len(tokens)} tokens for a {grid[0]}x{grid[1]} grid")
+            rows = buffers.setdefault(grid, [])
+            rows.append((tokens, c))
+            if len(rows) == batch_size:
+                del buffers[grid]
+                out: dict[str, Any] = {"tokens": np.stack([r[0] for r in rows]).astype(np.int64), "grid": grid}
+                out[target] = (np.array([r[1] for r in rows], dtype=object) if target == "caption"
+                               else np.array([r[1] for r in rows], dtype=np.int64))
+                yield out
