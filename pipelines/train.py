@@ -5,6 +5,8 @@
         --set data.shards=/data/imagenet_tokens scaling.num_workers=8
 
 Rerunning the same command (same run.name and run.storage_path) resumes from the last checkpoint.
+Shards pretokenized with --buckets (aspect-ratio buckets) train on all their grids, one grid per
+micro-batch.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 from maskgil.training import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
                               compute_loss, cpu_compile_available, fit, grid_at, list_checkpoints, load_checkpoint,
-                              lr_at, prune_checkpoints, save_checkpoint)
+                              lr_at, prune_checkpoints, save_checkpoint, train_step)
 
 SMALL = dict(n_layers=2, dim=64, n_heads=2, vocab_size=32, num_classes=4)
 
@@ -190,3 +190,80 @@ def test_compiled_training_matches_eager(preset):
         torch.testing.assert_close(grads[True][k], g, rtol=1e-3, atol=1e-4 * g.abs().max().item(), msg=k)
     assert len(set(losses[False][1:])) == 4  # different batches (and masks: the loss's shapes changed)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+def bucketed_data(sizes, micro, vocab=32, classes=4, seed=0):
+    """`data(grid, epoch)` like an aspect-ratio-bucketed stage: one-grid micro-batches that carry
+    their "grid", `sizes[g]` batches of grid g per epoch, interleaved in a per-epoch order."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"tokens": torch.randint(0, vocab, (micro, h * w), generator=g),
+                "label": torch.randint(0, classes, (micro,), generator=g), "grid": (h, w)}
+               for (h, w), n in sizes.items() for _ in range(n)]
+
+    def data(grid_now, epoch):
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(1000 + epoch))
+        yield from (batches[i] for i in order)
+
+    return data
+
+
+def test_bucketed_batches_train_on_their_own_grid(monkeypatch):
+    """A micro-batch that names its grid (an aspect-ratio bucket) is trained on that grid, not the
+    stage's; accumulation mixes grids within a step; a batch whose tokens miss its grid is refused."""
+    import maskgil.training.loop as loop
+
+    seen = []
+
+    def recording(model, config, tokens, cond, grid, **kw):
+        seen.append((tuple(grid), tuple(tokens.shape)))
+        return compute_loss(model, config, tokens, cond, grid, **kw)
+
+    monkeypatch.setattr(loop, "compute_loss", recording)
+    sizes = {(8, 8): 2, (6, 10): 3, (10, 6): 3}
+    data = bucketed_data(sizes, micro=4)
+    cfg = TrainConfig(max_steps=8, global_batch=8, lr=1e-3, log_every=1)
+    model, opt = make("maskgil-tiny", cfg)
+    logged = []
+    out = fit(model, opt, cfg, data, micro_batch=4, accum=2, hooks=Hooks(on_log=lambda s, m: logged.append(m)))
+    fed = [(b["grid"], tuple(b["tokens"].shape)) for e in (0, 1) for b in data((8, 8), e)][:16]
+    assert seen == fed  # epoch 0 (8 batches = 4 steps), then epoch 1
+    assert {g for g, _ in seen} == set(sizes) and out["epoch"] == 1 and out["step"] == 8
+    assert all(m["grid_h"] == 8 and m["grid_w"] == 8 for m in logged)  # the stage's grid, for the record
+    bad = {"tokens": torch.zeros(4, 64, dtype=torch.long), "label": torch.zeros(4, dtype=torch.long), "grid": (6, 10)}
+    with pytest.raises(ValueError, match="64 tokens per image but the grid at step 0 is 6x10"):
+        train_step(model, opt, [bad], cfg, 0, (8, 8))
+
+
+def _uneven_epochs_worker(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = TrainConfig(max_steps=7, global_batch=8, lr=1e-3)
+        model, opt = make("maskgil-tiny", cfg)
+        # rank 0's buckets fill 3 micro-batches per epoch, rank 1's 5
+        data = bucketed_data({(8, 8): 1, (6, 10): 1 + rank, (10, 6): 1 + rank}, micro=4, seed=rank)
+        state = fit(model, opt, cfg, data, micro_batch=4, accum=1, rank=rank, world_size=2)
+        torch.save({"state": {k: state[k] for k in ("step", "epoch", "batches_in_epoch")}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_end_an_epoch_together(tmp_path):
+    """Bucketed data fills a different number of batches per rank. When one rank runs out, every
+    rank starts the next epoch (Ray Data's splits need all ranks at an epoch's start), so the
+    loop state a checkpoint saves from rank 0 is every rank's: 7 steps of 3 per epoch on both."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_uneven_epochs_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt")["state"] for r in (0, 1)]
+    assert states[0] == states[1] == {"step": 7, "epoch": 2, "batches_in_epoch": 1}

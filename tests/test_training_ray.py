@@ -112,21 +112,26 @@ def head(tmp_path_factory):
         yield f"127.0.0.1:{GCS_PORT}"
 
 
-def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8), target="label"):
+def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8), target="label", buckets=None):
     """A finished shard directory in the pretokenize format (TokenShardWriter + manifest); caption
-    shards (`target="caption"`) carry one of `classes` captions per row instead of a label."""
+    shards (`target="caption"`) carry one of `classes` captions per row instead of a label. With
+    `buckets` ({grid: rows}) the rows have those grids, as aspect-ratio buckets give them."""
     from maskgil.data.shards import TokenShardWriter
 
     rng = np.random.default_rng(0)
+    grids = [g for g, k in buckets.items() for _ in range(k)] if buckets else [grid] * n
+    n = len(grids)
     labels = np.arange(n) % classes
-    tokens = rng.integers(0, vocab, (n, grid[0] * grid[1]))
-    w = TokenShardWriter(str(out), vocab, grid[0] * grid[1], target)
+    tokens = [rng.integers(0, vocab, h * w) for h, w in grids]
+    w = TokenShardWriter(str(out), vocab, None if buckets else grid[0] * grid[1], target)
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
     cond = labels.tolist() if target == "label" else [f"a {colours[c % 6]} shape number {c}" for c in labels]
-    rows = {"tokens": tokens, "grid_h": [grid[0]] * n, "grid_w": [grid[1]] * n, target: cond,
+    rows = {"tokens": tokens, "grid_h": [g[0] for g in grids], "grid_w": [g[1] for g in grids], target: cond,
             "source": [f"img{i}" for i in range(n)], "aug": [0] * n}
     w.write(0, "test", rows, [], n)
-    w.finalize(1, {"grid": list(grid), "image_size": 64, "tokenizer": {"name": "test"}})
+    sizes = [[8 * gw, 8 * gh] for gh, gw in buckets] if buckets else None
+    w.finalize(1, {"grid": None if buckets else list(grid), "buckets": sizes, "image_size": 64,
+                   "tokenizer": {"name": "test", "downsample": 8}})
 
 
 def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -241,32 +246,42 @@ def test_conditioning_must_match_the_shards(tmp_path):
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_text_conditional_run_on_caption_shards(head, tmp_path):
-    """pipelines/train.py with the text-to-image config on caption shards: the worker encodes the
-    captions with the packaged MiniLM, trains, logs a sample grid drawn from the captions it saw,
+    """pipelines/train.py with the text-to-image config on caption shards with aspect-ratio buckets
+    (6x10 and 10x6 token grids, none of the model's 8x8), on 2 workers: each worker encodes its
+    captions with the packaged MiniLM and trains on one-grid batches of every bucket (the 8x8 rows
+    alone would be none), and the ranks, which may fill different numbers of batches, keep step;
+    rank 0 logs sample grids (at the stage's grid and each bucket's) drawn from the captions it saw,
     and the final checkpoint names its text encoder so samplers and Serve rebuild the same one."""
     from maskgil.tokenizers import build_tokenizer
 
     shards = tmp_path / "shards"
-    write_token_shards(shards, vocab=512, target="caption")
+    write_token_shards(shards, vocab=512, target="caption", buckets={(6, 10): 37, (10, 6): 27})
     build_tokenizer("llamagen-vq-tiny").save_pretrained(tmp_path / "tok")
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_t2i_tiny.yaml"),
            "--shards", str(shards), "--output", str(tmp_path / "final"), "--name", "t2itest",
            "--tokenizer", str(tmp_path / "tok"), "--tracking-uri", f"sqlite:///{db}",
-           "--set", "train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2", "train.log_every=1",
+           "--set", "train.max_steps=10", "train.global_batch=8", "train.checkpoint_every=5", "train.log_every=1",
            "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, multiple_of: 32, "
-           "cond: text, text_dim: 384, text_len: 16, text_encoder: all-minilm-l6-v2}", "scaling.num_workers=1",
+           "cond: text, text_dim: 384, text_len: 16, text_encoder: all-minilm-l6-v2}", "scaling.num_workers=2",
+           "scaling.cpus_per_worker=0.5",
            "sample.per_class=1", f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=0"]
     r = subprocess.run(cmd, env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
-    assert out["step"] == 4
-    assert [s for s, _ in metric_history(db, out["run_id"], "loss")] == [1, 2, 3, 4]
+    assert out["step"] == 10
+    assert [s for s, _ in metric_history(db, out["run_id"], "loss")] == list(range(1, 11))
+    # 64 rows over 2 workers, 4 per micro-batch: at most 8 one-grid batches per worker and epoch, so
+    # 10 steps cross an epoch boundary
+    assert metric_history(db, out["run_id"], "epoch")[-1][1] >= 1
     from mlflow.tracking import MlflowClient
 
-    arts = MlflowClient(f"sqlite:///{db}").list_artifacts(out["run_id"], "samples")
-    assert [a.path for a in arts] == ["samples/samples_step00000004.png"]
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(out["run_id"]).data.params["data.buckets.8x8"] == "[[80, 48], [48, 80]]"
+    arts = client.list_artifacts(out["run_id"], "samples")
+    assert [a.path for a in arts] == ["samples/samples_step00000010.png", "samples/samples_step00000010_10x6.png",
+                                      "samples/samples_step00000010_6x10.png"]  # the stage's grid and each bucket's
     from maskgil.checkpoint import load_pretrained
     from maskgil.sampling import sample_maskgit
     from maskgil.text import TextEncoder
@@ -274,4 +289,5 @@ def test_text_conditional_run_on_caption_shards(head, tmp_path):
     model = load_pretrained(out["checkpoint"]).eval()
     assert (model.config.cond, model.config.text_encoder, model.config.text_len) == ("text", "all-minilm-l6-v2", 16)
     feats, mask = TextEncoder.for_model(model).encode(["a red shape number 0"])
-    assert sample_maskgit(model, feats, (8, 8), steps=2, text_mask=mask).shape == (1, 64)
+    for grid in ((8, 8), (6, 10)):
+        assert sample_maskgit(model, feats, grid, steps=2, text_mask=mask).shape == (1, grid[0] * grid[1])

@@ -254,8 +254,9 @@ def _to_device_batch(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, t
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], cfg: TrainConfig,
                step: int, grid: tuple[int, int], rank: int = 0, world_size: int = 1,
                device: torch.device | str = "cpu") -> dict:
-    """One optimizer step over `micro_batches` (gradient accumulation). Raises NonFiniteLossError
-    (without touching the weights) if the loss or the gradient norm is NaN/inf."""
+    """One optimizer step over `micro_batches` (gradient accumulation). `grid` is the stage's token
+    grid; a micro-batch with a "grid" of its own (an aspect-ratio bucket) uses that. Raises
+    NonFiniteLossError (without touching the weights) if the loss or the gradient norm is NaN/inf."""
     base = unwrap(model)
     device = torch.device(device)
     for g in optimizer.param_groups:
@@ -268,12 +269,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     n_accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         tokens, cond, text_mask = _to_device_batch(batch, device)
-        if tokens.shape[1] != grid[0] * grid[1]:
+        g = tuple(batch.get("grid") or grid)  # an aspect-ratio bucket's batch names its own grid
+        if tokens.shape[1] != g[0] * g[1]:
             raise ValueError(f"batch holds {tokens.shape[1]} tokens per image but the grid at step {step} is "
-                             f"{grid[0]}x{grid[1]}: feed shards of that resolution")
+                             f"{g[0]}x{g[1]}: feed shards of that resolution")
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, i))
         with no_grad_sync(model, enabled=i < n_accum - 1), autocast:
-            out = compute_loss(model, base.config, tokens, cond, grid, schedule=cfg.mask_schedule,
+            out = compute_loss(model, base.config, tokens, cond, g, schedule=cfg.mask_schedule,
                                label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile,
                                text_mask=text_mask)
             (out.loss / n_accum).backward()
@@ -312,10 +314,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     """Train from `start` (a loaded loop state, or step 0) until cfg.max_steps.
 
     `data(grid, epoch)` yields this worker's micro-batches ({"tokens": (b, N), "label": (b,)}, or
-    "text" (b, L, Dt) and "text_mask" (b, L) instead of "label" for text-conditional models) of
-    one epoch, in a per-epoch shuffled order. The loop counts steps exactly: after a restart from a
+    "text" (b, L, Dt) and "text_mask" (b, L) instead of "label" for text-conditional models; a
+    "grid" (h, w) when an aspect-ratio bucket's batch differs from the stage's grid) of one epoch,
+    in a per-epoch shuffled order. The loop counts steps exactly: after a restart from a
     checkpoint at step s it runs steps s+1.. and skips the micro-batches of the epoch that step s
-    had already consumed, so no step is lost or repeated. Returns the final loop state + metrics."""
+    had already consumed, so no step is lost or repeated. With several ranks, an epoch ends on all
+    of them when any runs out (bucketed data fills a different number of batches per rank), so
+    every rank counts the same micro-batches. Returns the final loop state + metrics."""
     hooks = hooks or Hooks()
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, **(start or {})}
     default_grid = tuple(unwrap(model).config.grid_size)
@@ -323,43 +328,39 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     metrics: dict[str, Any] = {}
     grid = grid_at(state["step"], cfg, default_grid)
     iterator = _epoch_iter(data, grid, state)
-    fresh_epoch, full_in_epoch = state["batches_in_epoch"] == 0, 0  # a resumed epoch may be nearly done
+    fresh_epoch, steps_in_epoch = state["batches_in_epoch"] == 0, 0  # a resumed epoch may be nearly done
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", unit="step")
-    tokens_per_step = cfg.global_batch * grid[0] * grid[1]
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, tokens_since = time.perf_counter(), 0
+
+    def new_epoch():
+        nonlocal iterator, fresh_epoch, steps_in_epoch
+        state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+        iterator = _epoch_iter(data, grid, state)
+        fresh_epoch, steps_in_epoch = True, 0
+
     try:
         while state["step"] < cfg.max_steps:
             step = state["step"]
             new_grid = grid_at(step, cfg, default_grid)
             if new_grid != grid:  # weak-to-strong switch: a fresh epoch from the new resolution's data
                 grid = new_grid
-                state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
-                iterator = _epoch_iter(data, grid, state)
-                fresh_epoch, full_in_epoch = True, 0
-                tokens_per_step = cfg.global_batch * grid[0] * grid[1]
-            micro = []
-            while len(micro) < accum:
-                try:
-                    b = next(iterator)
-                except StopIteration:  # epoch done: drop the partial step, reshuffle
-                    if fresh_epoch and full_in_epoch < accum:
-                        raise RuntimeError(f"an epoch of this worker's data holds {full_in_epoch} micro-batches of "
-                                           f"{micro_batch} rows, fewer than one step needs ({accum})") from None
-                    state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
-                    micro, fresh_epoch, full_in_epoch = [], True, 0
-                    iterator = _epoch_iter(data, grid, state)
-                    continue
-                state["batches_in_epoch"] += 1
-                if len(b["tokens"]) != micro_batch:
-                    continue  # ragged tail batch: skip (drop_last)
-                full_in_epoch += 1
-                micro.append(b)
+                new_epoch()
+            micro, ended = _next_micro_batches(iterator, accum, micro_batch, state)
+            if world_size > 1:  # ranks may run out at different steps (bucketed data): all end the epoch together
+                ended = _any_rank(ended, device)
+            if ended:
+                if fresh_epoch and steps_in_epoch == 0:
+                    raise RuntimeError(f"an epoch ended before its first step: this worker had {len(micro)} full "
+                                       f"micro-batches of {micro_batch} rows, fewer than one step needs ({accum})")
+                new_epoch()  # (a Ray Data split starts its next epoch once every rank asks for it)
+                continue
             metrics = train_step(model, optimizer, micro, cfg, step, grid, rank, world_size, device)
             state["step"] = step + 1
-            steps_since += 1
+            steps_in_epoch += 1
+            tokens_since += world_size * sum(int(b["tokens"].shape[0]) * int(b["tokens"].shape[1]) for b in micro)
             metrics.update(probe.values)
             metrics.update(step=state["step"], epoch=state["epoch"], grid_h=grid[0], grid_w=grid[1])
             if bar is not None:
@@ -368,8 +369,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
             last = state["step"] == cfg.max_steps
             if hooks.on_log and (state["step"] % max(cfg.log_every, 1) == 0 or last):
                 now = time.perf_counter()
-                metrics["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-                t_last, steps_since = now, 0
+                metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
                 hooks.on_log(state["step"], metrics)
             if hooks.on_sample and ((cfg.sample_every and state["step"] % cfg.sample_every == 0) or last):
                 hooks.on_sample(state["step"])
@@ -382,6 +383,26 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         if bar is not None:
             bar.close()
     return {**state, **metrics}
+
+
+def _next_micro_batches(iterator, accum: int, micro_batch: int, state: dict) -> tuple[list[dict], bool]:
+    """Up to `accum` full micro-batches for one step, and whether the epoch ended first."""
+    micro = []
+    while len(micro) < accum:
+        b = next(iterator, None)
+        if b is None:
+            return micro, True
+        state["batches_in_epoch"] += 1
+        if len(b["tokens"]) == micro_batch:  # a ragged tail batch is skipped (drop_last)
+            micro.append(b)
+    return micro, False
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any (one tiny all-reduce)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _epoch_iter(data, grid, state) -> Iterator[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from maskgil.data.shards import token_dataset
+from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, token_dataset
 from maskgil.models import build_model
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
@@ -49,19 +49,26 @@ def _as_batch(b: dict) -> dict:
         out["label"] = torch.from_numpy(b["label"].astype(np.int64))
     if "caption" in b:
         out["caption"] = [str(c) for c in b["caption"]]
+    if "grid" in b:
+        out["grid"] = tuple(b["grid"])
     return out
 
 
-def shard_batches(iterators: dict, micro: int, seed: int, buffer: int):
-    """`data(grid, epoch)` for `fit` over Ray DataIterators; a new local shuffle seed per epoch."""
+def shard_batches(iterators: dict, micro: int, seed: int, buffer: int, bucketed=frozenset()):
+    """`data(grid, epoch)` for `fit` over Ray DataIterators; a new local shuffle seed per epoch.
+    Stages whose shards hold aspect-ratio buckets (`bucketed` grids) yield one-grid micro-batches
+    that carry their own "grid", in the order the shuffled rows fill them."""
 
     def data(grid, epoch):
-        if tuple(grid) not in iterators:
+        grid = tuple(grid)
+        if grid not in iterators:
             raise ValueError(f"no token shards for grid {grid[0]}x{grid[1]}; data.shards has "
                              f"{[f'{h}x{w}' for h, w in iterators]}")
-        it = iterators[tuple(grid)].iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
-                                                 local_shuffle_buffer_size=buffer or None,
-                                                 local_shuffle_seed=seed * 100_003 + epoch)
+        it = iterators[grid].iter_batches(batch_size=micro, batch_format="numpy", drop_last=grid not in bucketed,
+                                          local_shuffle_buffer_size=buffer or None,
+                                          local_shuffle_seed=seed * 100_003 + epoch)
+        if grid in bucketed:
+            it = bucket_batches(it, micro)
         for b in it:
             yield _as_batch(b)
 
@@ -179,11 +186,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_sample(step):
         if logger and tokenizer is not None and (encoder is None or prompts):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = sample_png(unwrap(model), tokenizer, grid_now[0], config["sample"],
-                                  os.path.join(tmp, f"samples_step{step:08d}.png"), seed=cfg.seed,
-                                  text_encoder=encoder, prompts=prompts)
-                logger.log_artifact(path, "samples")
+            stage = grid_now[0]  # and, for aspect-ratio buckets, each bucket's grid
+            for g in [stage] + [tuple(b) for b in config["bucket_grids"].get(f"{stage[0]}x{stage[1]}", [])
+                                if tuple(b) != stage]:
+                suffix = "" if g == stage else f"_{g[0]}x{g[1]}"
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = sample_png(unwrap(model), tokenizer, g, config["sample"],
+                                      os.path.join(tmp, f"samples_step{step:08d}{suffix}.png"), seed=cfg.seed,
+                                      text_encoder=encoder, prompts=prompts)
+                    logger.log_artifact(path, "samples")
 
     def on_checkpoint(step, metrics, state):
         with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +211,9 @@ def train_loop_per_worker(config: dict) -> None:
         grid_now[0] = grid_at(step, cfg, unwrap(model).config.grid_size)
         _maybe_inject_fault(step, rank)
 
-    iterators = {g: ray.train.get_dataset_shard(f"train_{g[0]}x{g[1]}") for g in config["grids"]}
-    data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"])
+    iterators = {tuple(g): ray.train.get_dataset_shard(f"train_{g[0]}x{g[1]}") for g in config["grids"]}
+    bucketed = frozenset(tuple(g) for g in config["bucketed"])
+    data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"], bucketed)
     encoder, prompts = None, list(config["sample"].get("prompts") or [])
     if unwrap(model).config.cond == "text":  # captions -> frozen text features, in this worker
         fill = rank == 0 and not prompts  # no sample.prompts: sample the first captions seen
@@ -273,6 +285,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
 
     default_grid = tuple(build_model(train.preset, device="meta", **train.model_overrides).config.grid_size)
     grids = shard_dirs(cfg, default_grid)
+    bucketed = [g for g, d in grids.items() if is_bucketed(d)]  # aspect-ratio buckets: every grid they hold
     manifest = read_shard_manifest(next(iter(grids.values())))
     codebook = manifest.get("codebook_size")
     model_cfg = build_model(train.preset, device="meta", **train.model_overrides).config
@@ -309,6 +322,8 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         params.pop("run.tags", None)
         params.update({f"train.{k}": v for k, v in train.to_dict().items()})
         params["data.codebook_size"] = codebook
+        for h, w in bucketed:  # the image sizes (w, h) of a stage's aspect-ratio buckets
+            params[f"data.buckets.{h}x{w}"] = read_shard_manifest(grids[(h, w)]).get("buckets")
         for k, v in list(params.items()):
             client.log_param(run_id, k, str(v)[:5000])
         run_id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +336,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     loop_config = {
         "train": train.to_dict(), "threads_per_worker": scaling["threads_per_worker"], "use_gpu": use_gpu,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "grids": list(grids),
+        "bucketed": bucketed, "bucket_grids": {f"{h}x{w}": bucket_grids(grids[(h, w)]) for h, w in bucketed},
         "shuffle_buffer": cfg["data"]["shuffle_buffer"], "sample": cfg["sample"],
         "tokenizer": str(Path(run["tokenizer"]).resolve()) if run["tokenizer"] else None,
     }
@@ -333,7 +349,8 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=int(run["max_failures"]))),
-        datasets={f"train_{h}x{w}": token_dataset(d, grid=(h, w)) for (h, w), d in grids.items()},
+        datasets={f"train_{h}x{w}": token_dataset(d, grid=None if (h, w) in bucketed else (h, w))
+                  for (h, w), d in grids.items()},
     )
     status = "FAILED"
     try:
