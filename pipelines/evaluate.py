@@ -40,17 +40,27 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (AR part)")
     p.add_argument("--choice-temperature", type=float, default=d.choice_temperature)
     p.add_argument("--ar-tokens", type=int, default=None, help="fusion: tokens written by AR (k); default half the grid")
+    p.add_argument("--grid", type=parse_grid, default=None, metavar="HxW",
+                   help="token grid to sample, rows x columns (e.g. 6x10: wide); default the checkpoint's")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seed-chunk", type=int, default=d.seed_chunk,
                    help="samples per RNG stream and sampler call; 1 = per-sample seeds (results independent "
                         "of batching and workers); larger batches the sampler, results then depend on it")
 
 
+def parse_grid(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must look like 16x16 (rows x columns), got {text!r}") from None
+    return h, w
+
+
 def spec_from_args(a) -> SamplerSpec:
     return SamplerSpec(sampler=a.sampler, steps=a.steps, cfg_scale=a.cfg, cfg_schedule=a.cfg_schedule,
                        schedule=a.schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                        choice_temperature=a.choice_temperature, ar_tokens=a.ar_tokens, seed=a.seed,
-                       seed_chunk=a.seed_chunk)
+                       seed_chunk=a.seed_chunk, grid=a.grid)
 
 
 def init_ray(address: str | None) -> None:
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
     if a.num_images is None:
         from maskgil.evaluation.run import generator_info, prompt_set
 
-        info = generator_info(paths, spec.sampler)
+        info = generator_info(paths, spec.sampler, spec.grid)
         a.num_images = len(prompt_set(a.prompts, info.image_hw[0])) if a.prompts else 50 * info.num_classes
     cfg = EvalConfig(paths=paths, spec=spec, num_images=a.num_images, reference=a.reference,
                      reference_limit=a.reference_limit, adm_stats=a.adm_stats, inception_weights=a.inception_weights,

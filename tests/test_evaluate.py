@@ -128,6 +128,30 @@ def test_sample_is_the_sampler_called_with_its_own_seed(setup):
     assert not np.array_equal(got, other)
 
 
+def test_sampling_at_another_grid(setup):
+    """`grid` samples a wide 6x10 grid from the 8x8 checkpoint (2D RoPE): sample 3 is exactly
+    sample_maskgit at that grid, decoded to 48x80 pixels; the label and image size say so."""
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.evaluation.run import generator_info
+    from maskgil.metrics.images import to_uint8_grid
+    from maskgil.sampling import sample_maskgit
+    from maskgil.tokenizers import load_tokenizer
+
+    spec = SamplerSpec(sampler="mar", steps=3, cfg_scale=2.0, seed=7, grid=[6, 10])
+    assert spec.grid == (6, 10) and spec.label() == "mar-3-6x10"
+    assert generator_info(paths_of(setup), "mar", spec.grid).image_hw == (48, 80)
+    got = SampleAndDecode(dataclasses.asdict(paths_of(setup)), dataclasses.asdict(spec), num_images=16)(
+        {"id": np.array([3])})["image"][0]
+    mar, tok = load_pretrained(setup["mar"]), load_tokenizer(setup["tokenizer"])
+    codes = sample_maskgit(mar, torch.tensor([3]), (6, 10), steps=3, cfg_scale=2.0,
+                           generator=torch.Generator().manual_seed(chunk_seed(7, 3)))
+    want = to_uint8_grid(tok.decode(codes.view(1, 6, 10)))[0].permute(1, 2, 0).to(torch.uint8).numpy()
+    assert got.shape == (48, 80, 3)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="grid must be"):
+        SamplerSpec(grid=(0, 4))
+
+
 def test_seed_chunks_are_batched_but_still_batching_independent(setup):
     spec = dataclasses.asdict(SamplerSpec(sampler="mar", steps=2, seed_chunk=3))
     worker = SampleAndDecode(dataclasses.asdict(paths_of(setup)), spec, num_images=7)

@@ -45,8 +45,13 @@ class SamplerSpec:
     ar_tokens: int | None = None  # fusion: tokens the AR model writes (k); None = half the grid
     seed: int = 0
     seed_chunk: int = 1
+    grid: tuple[int, int] | None = None  # token grid (h, w) to sample; None = the checkpoint's (2D RoPE: any)
 
     def __post_init__(self):
+        if self.grid is not None:
+            if len(self.grid) != 2 or any(int(g) < 1 for g in self.grid):
+                raise ValueError(f"grid must be (h, w) with h, w >= 1, got {self.grid!r}")
+            self.grid = (int(self.grid[0]), int(self.grid[1]))
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.steps < 1:
@@ -76,14 +81,18 @@ class SamplerSpec:
         k = self.fusion_k(n_tokens)
         return k + (self.steps if k < n_tokens else 0)
 
+    def grid_for(self, model) -> tuple[int, int]:
+        return self.grid or tuple(model.config.grid_size)
+
     def label(self, n_tokens: int | None = None) -> str:
-        """Short name for tables and plots, e.g. mar-8, ar, fusion-k32-m4."""
+        """Short name for tables and plots, e.g. mar-8, ar, fusion-k32-m4 (mar-8-6x10 at a set grid)."""
+        at = f"-{self.grid[0]}x{self.grid[1]}" if self.grid else ""
         if self.sampler == "mar":
-            return f"mar-{self.steps}"
+            return f"mar-{self.steps}{at}"
         if self.sampler == "ar":
-            return "ar"
+            return f"ar{at}"
         k = self.ar_tokens if n_tokens is None else self.fusion_k(n_tokens)
-        return f"fusion-k{'half' if k is None else k}-m{self.steps}"
+        return f"fusion-k{'half' if k is None else k}-m{self.steps}{at}"
 
 
 # ---------------------------------------------------------------------------------- the sample plan
@@ -175,8 +184,7 @@ def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: to
     the spec's sampler."""
     from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
 
-    model = ar if spec.sampler == "ar" else mar
-    grid = tuple(model.config.grid_size)
+    grid = spec.grid_for(ar if spec.sampler == "ar" else mar)
     if spec.sampler == "mar":
         return sample_maskgit(mar, labels, grid, steps=spec.steps, schedule=spec.schedule,
                               temperature=spec.temperature, top_k=spec.top_k,
@@ -215,7 +223,7 @@ class SampleAndDecode:
                                                       text=prompts is not None)
         model = self.ar if self.spec.sampler == "ar" else self.mar
         self.num_classes = model.config.num_classes
-        self.grid = tuple(model.config.grid_size)
+        self.grid = self.spec.grid_for(model)
         self.prompts, self.prompt_labels, self.encoder = prompts, prompt_labels, None
         if prompts is not None:
             from maskgil.text import TextEncoder

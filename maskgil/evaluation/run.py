@@ -59,14 +59,15 @@ class GeneratorInfo:
     cond: str = "class"
 
 
-def generator_info(paths: ModelPaths, sampler: str) -> GeneratorInfo:
-    """Classes, token grid and image size of the models, read without loading the generators."""
+def generator_info(paths: ModelPaths, sampler: str, grid: tuple[int, int] | None = None) -> GeneratorInfo:
+    """Classes, token grid and image size of the models, read without loading the generators;
+    `grid` overrides the checkpoint's (sampling at another resolution or aspect ratio)."""
     from maskgil.checkpoint import read_config
     from maskgil.tokenizers import load_tokenizer
 
     paths.check(sampler)
     cfg = read_config(paths.primary(sampler))["config"]
-    grid = tuple(cfg["grid_size"])
+    grid = tuple(grid or cfg["grid_size"])
     down = load_tokenizer(paths.tokenizer).downsample
     return GeneratorInfo(int(cfg["num_classes"]), grid, (grid[0] * down, grid[1] * down), cfg.get("cond", "class"))
 
@@ -324,7 +325,7 @@ def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
     from maskgil.evaluation.reference import load_reference
     from maskgil.metrics import InceptionFeatureExtractor
 
-    info = generator_info(cfg.paths, cfg.spec.sampler)
+    info = generator_info(cfg.paths, cfg.spec.sampler, cfg.spec.grid)
     num_classes = info.num_classes
     if info.cond == "text":
         from maskgil.data.embedded import NUM_CLASSES
