@@ -83,8 +83,13 @@ def test_fsdp2_on_two_cpu_ranks_matches_ddp_and_restores_on_one(tmp_path, compil
     ddp, ddp_opt = _restore(tmp_path / "ddp")
     fsdp, fsdp_opt = _restore(tmp_path / "fsdp")
     start = _model().state_dict()
+    # Compiled, the two strategies fuse and reduce in different orders. The gradients still agree
+    # (exp_avg below, to 1e-6), but Adam's step m/sqrt(v) turns the rounding of a near-zero
+    # gradient element into up to +-lr: seen 2.9e-5 on one k_norm.bias element (lr 3e-3) on
+    # one CPU. A wrong update or a missing gradient sync would move weights by O(lr) instead.
+    atol = 1e-4 if compiled else 1e-5
     for k, v in ddp.state_dict().items():
-        torch.testing.assert_close(fsdp.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(fsdp.state_dict()[k], v, rtol=1e-4, atol=atol, msg=k)
     assert any(not torch.equal(v, start[k]) for k, v in ddp.state_dict().items())  # training moved the weights
     a, b = full_optimizer_state(ddp, ddp_opt)["state"], full_optimizer_state(fsdp, fsdp_opt)["state"]
     assert a.keys() == b.keys()
