@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
 from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result  # noqa: E402
+from maskgil.training.runconfig import parse_grid  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,14 +47,6 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed-chunk", type=int, default=d.seed_chunk,
                    help="samples per RNG stream and sampler call; 1 = per-sample seeds (results independent "
                         "of batching and workers); larger batches the sampler, results then depend on it")
-
-
-def parse_grid(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"grid must look like 16x16 (rows x columns), got {text!r}") from None
-    return h, w
 
 
 def spec_from_args(a) -> SamplerSpec:

@@ -187,8 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     def on_sample(step):
         if logger and tokenizer is not None and (encoder is None or prompts):
             stage = grid_now[0]  # and, for aspect-ratio buckets, each bucket's grid
-            for g in [stage] + [tuple(b) for b in config["bucket_grids"].get(f"{stage[0]}x{stage[1]}", [])
-                                if tuple(b) != stage]:
+            for g in [stage] + [b for b in config["bucketed"].get(stage, []) if b != stage]:
                 suffix = "" if g == stage else f"_{g[0]}x{g[1]}"
                 with tempfile.TemporaryDirectory() as tmp:
                     path = sample_png(unwrap(model), tokenizer, g, config["sample"],
@@ -212,8 +211,7 @@ def train_loop_per_worker(config: dict) -> None:
         _maybe_inject_fault(step, rank)
 
     iterators = {tuple(g): ray.train.get_dataset_shard(f"train_{g[0]}x{g[1]}") for g in config["grids"]}
-    bucketed = frozenset(tuple(g) for g in config["bucketed"])
-    data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"], bucketed)
+    data = shard_batches(iterators, micro, cfg.seed, config["shuffle_buffer"], frozenset(config["bucketed"]))
     encoder, prompts = None, list(config["sample"].get("prompts") or [])
     if unwrap(model).config.cond == "text":  # captions -> frozen text features, in this worker
         fill = rank == 0 and not prompts  # no sample.prompts: sample the first captions seen
@@ -285,7 +283,8 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
 
     default_grid = tuple(build_model(train.preset, device="meta", **train.model_overrides).config.grid_size)
     grids = shard_dirs(cfg, default_grid)
-    bucketed = [g for g, d in grids.items() if is_bucketed(d)]  # aspect-ratio buckets: every grid they hold
+    # stages whose shards hold aspect-ratio buckets (they train on every bucket) -> the buckets' grids
+    bucketed = {g: bucket_grids(d) for g, d in grids.items() if is_bucketed(d)}
     manifest = read_shard_manifest(next(iter(grids.values())))
     codebook = manifest.get("codebook_size")
     model_cfg = build_model(train.preset, device="meta", **train.model_overrides).config
@@ -336,7 +335,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     loop_config = {
         "train": train.to_dict(), "threads_per_worker": scaling["threads_per_worker"], "use_gpu": use_gpu,
         "tracking_uri": tracking_uri, "mlflow_run_id": run_id, "grids": list(grids),
-        "bucketed": bucketed, "bucket_grids": {f"{h}x{w}": bucket_grids(grids[(h, w)]) for h, w in bucketed},
+        "bucketed": bucketed,
         "shuffle_buffer": cfg["data"]["shuffle_buffer"], "sample": cfg["sample"],
         "tokenizer": str(Path(run["tokenizer"]).resolve()) if run["tokenizer"] else None,
     }

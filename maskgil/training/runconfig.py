@@ -74,8 +74,16 @@ def shard_dirs(cfg: dict, default_grid: tuple[int, int]) -> dict[tuple[int, int]
     out = {}
     for key, d in shards.items():
         try:
-            h, w = (int(x) for x in str(key).lower().split("x"))
+            out[parse_grid(str(key))] = str(d)
         except ValueError:
             raise ValueError(f"data.shards keys must look like '16x16', got {key!r}") from None
-        out[(h, w)] = str(d)
     return out
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """'16x16' / '6x10' -> (rows, columns) of a token grid."""
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a token grid looks like 16x16 (rows x columns), got {text!r}") from None
+    return h, w
