@@ -3,7 +3,8 @@
     python pipelines/quickstart.py                 # ~15 min on 2 CPU cores; outputs under runs/quickstart/
     mlflow ui --backend-store-uri sqlite:///mlflow.db
 
-Stages (each is skipped when its output is already complete, so a rerun resumes):
+Stages (a rerun skips the finished ones: only a stage that is asked for with --redo, was interrupted,
+reads the output of a stage that was remade, or would run with other settings runs again):
   dataset     embedded shapes x colours, ImageNet folder layout, 64 px       -> runs/quickstart/dataset
   tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), trained in-process    -> runs/quickstart/tokenizer
   classifier  small CNN on real images: the judge of generated samples         -> runs/quickstart/classifier
@@ -21,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +32,46 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 STAGES = ("dataset", "tokenizer", "classifier", "shards", "maskgil", "llamagen", "samples")
-DONE = ".quickstart_done.json"
+# What each stage reads: a stage is recomputed whenever one of these is (the classifier trains on
+# its own procedural images, so it depends on nothing).
+NEEDS = {"dataset": (), "tokenizer": ("dataset",), "classifier": (), "shards": ("dataset", "tokenizer"),
+         "maskgil": ("shards",), "llamagen": ("shards",),
+         "samples": ("dataset", "tokenizer", "classifier", "maskgil", "llamagen")}
+DONE = ".quickstart_done.json"  # a finished stage: what it made, from which inputs and settings
+STARTED = ".quickstart_started.json"  # the inputs and settings a stage was last started with
 
 
-def stage_done(path: Path) -> dict | None:
-    f = path / DONE
+def read_json(f: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def mark_done(path: Path, info: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / DONE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+def write_json(f: Path, info: dict) -> None:
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def stage_done(path: Path) -> dict | None:
+    return read_json(path / DONE)
+
+
+def recompute_reason(name: str, done: dict | None, settings: dict, redo: set[str], upstream: dict[str, str]) -> str | None:
+    """Why stage `name` must run again, or None when its finished output can be reused: it was
+    asked for (--redo), never finished, a stage it reads was remade since (`upstream`: the ids of
+    their finished outputs now), or it was made with other settings."""
+    if name in redo:
+        return "--redo"
+    if done is None:
+        return "not done yet"
+    changed = [s for s, ident in upstream.items() if done.get("inputs", {}).get(s) != ident]
+    if changed:
+        return f"{', '.join(changed)} changed since"
+    before = done.get("settings")
+    if before is None:
+        return "made by an older quickstart (no settings recorded)"
+    diff = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    if diff:
+        return "settings changed: " + "; ".join(diff)
+    return None
 
 
 def parse_args(argv=None):
@@ -63,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--fusion-ar-tokens", type=int, default=32, help="AR share of the 64 tokens in fusion sampling")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers per generator run")
     p.add_argument("--require-target", action="store_true",
-                   help="exit 1 unless MAR class accuracy at CFG 2 reaches 80%% (for CI-style checks)")
+                   help="exit 1 unless MAR class accuracy (at --cfg-scale) reaches 80%% (for CI-style checks)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in this process")
     return p.parse_args(argv)
 
@@ -100,37 +131,48 @@ def main(argv=None) -> int:
     with mlflow.start_run(run_name="quickstart") as parent:
         mlflow.log_params({k: v for k, v in vars(args).items() if k not in ("redo", "set")} | {"set": " ".join(args.set)})
 
-        def run_stage(name, fn):
+        def run_stage(name, fn, settings: dict):
             path = dirs[name]
-            done = None if name in redo else stage_done(path)
-            if name == "tokenizer" and done and done.get("preset", args.tokenizer_preset) != args.tokenizer_preset:
-                raise SystemExit(f"{path} holds a {done['preset']} tokenizer, not {args.tokenizer_preset}: "
-                                 f"use another --out, or --redo all")
-            if name == "tokenizer" and done and done.get("steps", 0) < args.tokenizer_steps:
-                done = None  # asked for more steps: continue from train_state.pt
-            if done is not None:
+            done = stage_done(path)
+            inputs = {s: summary[s]["id"] for s in NEEDS[name]}
+            reason = recompute_reason(name, done, settings, redo, inputs)
+            if reason is None and name == "tokenizer" and done.get("steps", 0) < args.tokenizer_steps:
+                reason = f"continuing from step {done.get('steps', 0)} to {args.tokenizer_steps}"
+            if reason is None:
                 print(f"[{name}] already complete in {path} (use --redo {name} to recompute)")
                 summary[name] = done
                 times[name] = 0.0
                 return done
-            print(f"\n[{name}] ...", flush=True)
+            # Partial work (a tokenizer train state, a Ray Train run) is continued only when it was
+            # started from the same inputs and settings; otherwise the stage starts over.
+            started = {"settings": settings, "inputs": inputs}
+            resume = name not in redo and read_json(path / STARTED) == started
+            if resume and done is None:
+                reason = "resuming an interrupted run"
+            print(f"\n[{name}] ... ({reason})", flush=True)
+            (path / DONE).unlink(missing_ok=True)  # an interrupted recompute must not look finished
+            write_json(path / STARTED, started)
             t0 = time.time()
-            info = fn(path) or {}
+            info = fn(path, resume) or {}
             times[name] = time.time() - t0
-            info["seconds"] = round(times[name], 1)
-            mark_done(path, info)
+            # `id` names this output; the stages that read it record it under "inputs".
+            info.update(seconds=round(times[name], 1), settings=settings, inputs=inputs, id=uuid.uuid4().hex)
+            write_json(path / DONE, info)
             summary[name] = info
             mlflow.log_metric(f"stage_seconds.{name}", times[name])
             print(f"[{name}] done in {times[name]:.0f}s", flush=True)
             return info
 
-        run_stage("dataset", lambda p: stage_dataset(p, args))
-        run_stage("tokenizer", lambda p: stage_tokenizer(p, args, parent.info.run_id))
-        run_stage("classifier", lambda p: stage_classifier(p, args))
-        run_stage("shards", lambda p: stage_shards(p, dirs))
+        run_stage("dataset", lambda p, resume: stage_dataset(p, args), {"n_train": args.n_train})
+        run_stage("tokenizer", lambda p, resume: stage_tokenizer(p, args, resume), {"preset": args.tokenizer_preset})
+        run_stage("classifier", lambda p, resume: stage_classifier(p, args), {"steps": args.classifier_steps})
+        run_stage("shards", lambda p, resume: stage_shards(p, dirs), {})
         for kind in ("maskgil", "llamagen"):
-            run_stage(kind, lambda p, kind=kind: stage_generator(p, kind, args, dirs, uri, parent.info.run_id))
-        res = run_stage("samples", lambda p: stage_samples(p, args, dirs))
+            cfg = generator_config(kind, args, dirs, uri, parent.info.run_id)
+            run_stage(kind, lambda p, resume, cfg=cfg: stage_generator(cfg, resume), generator_settings(cfg))
+        res = run_stage("samples", lambda p, resume: stage_samples(p, args, dirs),
+                        {"samples_per_class": args.samples_per_class, "cfg_scale": args.cfg_scale,
+                         "fusion_ar_tokens": args.fusion_ar_tokens})
         total = time.time() - t_all
         mlflow.log_metric("total_seconds", total)
         for k in ("mar_accuracy", "mar_colour_accuracy", "mar_shape_accuracy", "ar_accuracy", "fusion_accuracy"):
@@ -140,10 +182,11 @@ def main(argv=None) -> int:
             mlflow.log_metric(f"mar_shape_accuracy.{shape}", acc)
         for png in sorted(dirs["samples"].glob("*.png")):
             mlflow.log_artifact(str(png), "samples")
-    print_summary(summary, times, total, dirs, uri)
+    print_summary(summary, times, total, dirs, uri, args.cfg_scale)
     met = res.get("mar_accuracy", 0) >= 0.8
     if not met:
-        print("quickstart target (MAR class accuracy >= 80% at CFG 2) NOT met; the pipeline itself completed")
+        print(f"quickstart target (MAR class accuracy >= 80% at CFG {args.cfg_scale:g}) NOT met; "
+              "the pipeline itself completed")
     return 1 if (args.require_target and not met) else 0
 
 
@@ -163,8 +206,8 @@ def load_folder_images(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
 
 
-def stage_tokenizer(path: Path, args, parent_id: str) -> dict:
-    """Train (or continue training: train_state.pt is saved every 200 steps) the tiny VQ tokenizer."""
+def stage_tokenizer(path: Path, args, resume: bool) -> dict:
+    """Train the tiny VQ tokenizer, or continue its saved train state (saved every 200 steps)."""
     import mlflow
 
     from maskgil.metrics.image_quality import psnr
@@ -176,7 +219,10 @@ def stage_tokenizer(path: Path, args, parent_id: str) -> dict:
     # Pixel L2 + VQ terms only: on 2 CPU cores the Inception perceptual loss costs ~10x a step and
     # the GAN starts after this budget anyway; 8x8 codes of flat-coloured shapes need neither.
     cfg = default_train_config(args.tokenizer_preset, perceptual="none", perceptual_weight=0.0, disc_weight=0.0)
-    resumed = (path / TRAIN_STATE_NAME).is_file()
+    state = path / TRAIN_STATE_NAME
+    resumed = resume and state.is_file()
+    if not resumed:
+        state.unlink(missing_ok=True)
     trainer = TokenizerTrainer.resume(path) if resumed else TokenizerTrainer(cfg)
     with mlflow.start_run(run_name="tokenizer", nested=True):
         mlflow.log_params({f"tokenizer.{k}": v for k, v in vars(cfg).items()} | {"resumed_from_step": trainer.step})
@@ -219,11 +265,13 @@ def stage_shards(path: Path, dirs) -> dict:
     return {k: s.get(k) for k in ("rows_written", "inputs_seen", "inputs_quarantined", "reconciled")}
 
 
-def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str) -> dict:
+def generator_config(kind: str, args, dirs, uri: str, parent_id: str) -> dict:
+    """The Ray Train run config of a generator stage: the run file, --set, and the paths and
+    codebook size of this quickstart."""
     from maskgil.data.shards import read_manifest
-    from maskgil.training.ray_trainer import run_training
     from maskgil.training.runconfig import load_run_config, parse_overrides
 
+    path = dirs[kind]
     config = args.maskgil_config if kind == "maskgil" else args.llamagen_config
     over = parse_overrides(args.set)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
@@ -237,7 +285,20 @@ def stage_generator(path: Path, kind: str, args, dirs, uri: str, parent_id: str)
     cfg = load_run_config(config, over)
     # Key-wise, unlike the section merge: keep the run file's model shape, add --set's, then the codebook.
     cfg["train"]["model_overrides"] = {**cfg["train"].get("model_overrides", {}), **set_models, "vocab_size": codebook}
-    if kind in args.redo or "all" in args.redo:  # start over: forget the Ray Train run (and its MLflow run id)
+    return cfg
+
+
+def generator_settings(cfg: dict) -> dict:
+    """What a generator's weights depend on besides its shards (not where it logs or writes)."""
+    return json.loads(json.dumps({k: cfg[k] for k in ("train", "data", "scaling")}, default=str))
+
+
+def stage_generator(cfg: dict, resume: bool) -> dict:
+    """Train with Ray Train, continuing this stage's earlier Ray Train run (and MLflow run) only
+    when `resume`: otherwise that run is forgotten and training starts at step 0."""
+    from maskgil.training.ray_trainer import run_training
+
+    if not resume:
         shutil.rmtree(Path(cfg["run"]["storage_path"]) / cfg["run"]["name"], ignore_errors=True)
     res = run_training(cfg, verbose=0)
     m = res.get("metrics", {})
@@ -290,20 +351,21 @@ def stage_samples(path: Path, args, dirs) -> dict:
     return out
 
 
-def print_summary(summary: dict, times: dict, total: float, dirs: dict, uri: str) -> None:
+def print_summary(summary: dict, times: dict, total: float, dirs: dict, uri: str, cfg_scale: float) -> None:
     print("\n" + "=" * 72)
     print("MaskGIL quickstart summary")
     print("=" * 72)
     for s in STAGES:
         info = summary.get(s, {})
-        shown = {k: v for k, v in info.items() if k not in ("seconds", "run_id", "checkpoint", "train_dir")}
+        shown = {k: v for k, v in info.items()
+                 if k not in ("seconds", "run_id", "checkpoint", "train_dir", "settings", "inputs", "id")}
         secs = info.get("seconds", 0.0)
         cached = " (cached: time of the run that made it)" if times.get(s, 0.0) == 0.0 else ""
         print(f"{s:<11} {secs:7.1f}s  {json.dumps(shown, default=str)[:160]}{cached}")
     print(f"{'total':<11} {total:7.1f}s  this invocation's wall time")
     r = summary.get("samples", {})
     if r:
-        print(f"\nMAR class accuracy at CFG 2: {r['mar_accuracy']:.1%} (colour {r['mar_colour_accuracy']:.1%}, "
+        print(f"\nMAR class accuracy at CFG {cfg_scale:g}: {r['mar_accuracy']:.1%} (colour {r['mar_colour_accuracy']:.1%}, "
               f"shape {r['mar_shape_accuracy']:.1%}; {r['mar_n']} samples, target >= 80%)")
         by_shape = r.get("mar_shape_accuracy_by_shape", {})
         if by_shape:
