@@ -263,6 +263,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def training_datasets(grids: dict, bucketed: dict, in_memory: bool) -> dict:
+    """{"train_HxW": Ray Dataset} per stage grid (every bucket of a bucketed stage). `in_memory`
+    materializes each once: each epoch's streaming split then reads blocks from the object store
+    instead of re-running the Parquet read and column conversion (~2 s per epoch on 2 cores)."""
+    out = {}
+    for (h, w), d in grids.items():
+        ds = token_dataset(d, grid=None if (h, w) in bucketed else (h, w))
+        out[f"train_{h}x{w}"] = ds.materialize() if in_memory else ds
+    return out
+
+
 def run_training(cfg: dict, verbose: int = 1) -> dict:
     """Run one training job described by a run config (see maskgil/training/runconfig.py).
 
@@ -348,8 +359,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=int(run["max_failures"]))),
-        datasets={f"train_{h}x{w}": token_dataset(d, grid=None if (h, w) in bucketed else (h, w))
-                  for (h, w), d in grids.items()},
+        datasets=training_datasets(grids, bucketed, in_memory=bool(cfg["data"]["in_memory"])),
     )
     status = "FAILED"
     try:

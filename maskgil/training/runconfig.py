@@ -15,7 +15,9 @@ from maskgil.training.loop import TrainConfig
 
 DEFAULTS = {
     "train": {},
-    "data": {"shards": None, "shuffle_buffer": 8192},  # shards: a dir, or {"HxW": dir} per grid
+    # shards: a dir, or {"HxW": dir} per grid. in_memory: materialize the token dataset in Ray's
+    # object store once, so later epochs do not re-run the read (for shard sets that fit there).
+    "data": {"shards": None, "shuffle_buffer": 8192, "in_memory": False},
     "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1.0, "gpus_per_worker": 1.0,
                 "threads_per_worker": 1},
     "run": {"name": None, "storage_path": "runs/ray_train", "max_failures": 0, "tracking_uri": "sqlite:///mlflow.db",
