@@ -68,10 +68,19 @@ def recompute_reason(name: str, done: dict | None, settings: dict, redo: set[str
     before = done.get("settings")
     if before is None:
         return "made by an older quickstart (no settings recorded)"
-    diff = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v]
+    old, new = _flat(before), _flat(settings)
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         return "settings changed: " + "; ".join(diff)
     return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}: settings diffs name single values."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def parse_args(argv=None):

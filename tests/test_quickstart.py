@@ -32,6 +32,11 @@ def test_recompute_reason_rules():
     assert recompute_reason("tokenizer", **(keep | {"upstream": {"dataset": "b"}})) == "dataset changed since"
     assert recompute_reason("tokenizer", **(keep | {"settings": {"steps": 900}})) == "settings changed: steps 600 -> 900"
     assert "older quickstart" in recompute_reason("tokenizer", **(keep | {"done": {"inputs": {"dataset": "a"}}}))
+    # nested settings (a generator's run config) are compared and reported value by value
+    run = {"train": {"max_steps": 200, "model_overrides": {"vocab_size": 512}}, "scaling": {"num_workers": 2}}
+    more = {"train": {"max_steps": 300, "model_overrides": {"vocab_size": 512, "dim": 128}}, "scaling": {"num_workers": 2}}
+    assert recompute_reason("maskgil", {"settings": run, "inputs": {}}, more, set(), {}) == (
+        "settings changed: train.max_steps 200 -> 300; train.model_overrides.dim None -> 128")
 
 
 def test_stage_dependencies_point_backwards():

