@@ -57,9 +57,15 @@ def rope_table(kind: str, head_dim: int, h: int, w: int, prefix_len: int, theta:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, H, L, D) by `table` (L, D/2, 2)."""
+    """Rotate adjacent channel pairs of x (B, H, L, D) by `table` (L, D/2, 2).
+
+    Eager: one complex multiply (3x faster than the real form, forward + backward, on CPU).
+    Under torch.compile: the real form, which Inductor fuses (it does not generate complex code)."""
     if table is None:
         return x
+    if not torch.compiler.is_compiling():
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, H, L, D/2)
+        return torch.view_as_real(xc * torch.view_as_complex(table)).flatten(-2).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))  # (B, H, L, D/2, 2)
     cos, sin = table[..., 0], table[..., 1]  # (L, D/2)
     x0, x1 = xf[..., 0], xf[..., 1]
