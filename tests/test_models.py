@@ -84,6 +84,23 @@ def test_rope_2d_layout_matches_hand_rotation():
         torch.testing.assert_close(y[0, 0, 1 + idx].double(), hand_rotate(x[0, 0, 1 + idx], r, c), atol=1e-5, rtol=1e-5)
 
 
+def test_rope_compiled_form_matches_eager():
+    """Eager rotates with a complex multiply, torch.compile with the real form: both must agree,
+    on the non-contiguous (B, H, L, D) views attention passes in, and in bf16."""
+    from maskgil.training import cpu_compile_available
+
+    if not cpu_compile_available():
+        pytest.skip("torch.compile needs a C++ compiler on CPU")
+    table = rope_table("2d", 16, 3, 5, prefix_len=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 17, 4, 16).to(dtype).transpose(1, 2)  # (B, H, L, D), strided like q and k
+        eager = apply_rope(x, table)
+        compiled = torch.compile(apply_rope, fullgraph=True)(x, table)
+        assert eager.dtype == compiled.dtype == dtype
+        torch.testing.assert_close(compiled.float(), eager.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_rope_2d_scores_invariant_to_grid_shift():
     D, H, W, dy, dx = 32, 9, 9, 2, 3
     table = rope_table("2d", D, H, W, prefix_len=0)
