@@ -15,6 +15,15 @@ import urllib.request
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
+def repo_env() -> dict:
+    """This environment with the repository on PYTHONPATH, Ray auth off and no RAY_ADDRESS: for a
+    head (so its workers) and the pipelines a test runs, which it points at its own head itself."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def head_env() -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH="", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)

@@ -6,7 +6,6 @@ The full-size run (the accuracy and time target) is measured, not tested: see th
 The head runs as `ray start --head --block` in a child process (ports 6810 / 8810 / 108xx).
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipelines.quickstart import NEEDS, STAGES, recompute_reason
-from ray_head import local_head
+from ray_head import local_head, repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT = 6810, 8810
@@ -49,15 +48,9 @@ def test_stage_dependencies_point_backwards():
 
 
 # ------------------------------------------------------------------------------ on a local Ray head
-def _env():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with local_head(tmp_path_factory.mktemp("head"), "mgq", GCS_PORT, DASHBOARD_PORT, 10800, (10820, 10899), env=_env()):
+    with local_head(tmp_path_factory.mktemp("head"), "mgq", GCS_PORT, DASHBOARD_PORT, 10800, (10820, 10899), env=repo_env()):
         yield f"127.0.0.1:{GCS_PORT}"
 
 
@@ -67,7 +60,7 @@ def _quickstart(head, tmp_path, *extra):
            "--classifier-steps", "20", "--samples-per-class", "1",
            "--set", "train.max_steps=4", "train.global_batch=8", "train.checkpoint_every=2", "train.warmup_steps=0",
            "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2}", "data.shuffle_buffer=0", *extra]
-    r = subprocess.run(cmd, env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=600,
+    r = subprocess.run(cmd, env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=600,
                        cwd=tmp_path)
     return r, r.stdout + r.stderr
 

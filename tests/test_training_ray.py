@@ -6,7 +6,6 @@ The head runs as `ray start --head --block` in a child process with its own temp
 (6710 / 8710 / 107xx) and is stopped by terminating that child, never with `ray stop`.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 
 from maskgil.training import cpu_compile_available
 from maskgil.training.runconfig import load_run_config, parse_overrides
-from ray_head import local_head
+from ray_head import local_head, repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ray_configs"
@@ -100,15 +99,9 @@ def test_kuberay_train_manifest():
 
 
 # ------------------------------------------------------------------------------ local Ray cluster
-def _env():
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    with local_head(tmp_path_factory.mktemp("head"), "mgt", GCS_PORT, DASHBOARD_PORT, 10700, (10720, 10799), env=_env()):
+    with local_head(tmp_path_factory.mktemp("head"), "mgt", GCS_PORT, DASHBOARD_PORT, 10700, (10720, 10799), env=repo_env()):
         yield f"127.0.0.1:{GCS_PORT}"
 
 
@@ -155,7 +148,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(head, tmp_path):
            "num_classes: 4}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.max_failures=1",
            f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=0"]
     marker = tmp_path / "killed"
-    env = dict(_env(), RAY_ADDRESS=head, MASKGIL_FAULT_STEP="5", MASKGIL_FAULT_RANK="1", MASKGIL_FAULT_MARKER=str(marker))
+    env = dict(repo_env(), RAY_ADDRESS=head, MASKGIL_FAULT_STEP="5", MASKGIL_FAULT_RANK="1", MASKGIL_FAULT_MARKER=str(marker))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert marker.read_text().startswith("killed rank 1 after step 5")
@@ -212,7 +205,7 @@ def test_fsdp_run_on_cpu_workers_resumes_on_a_different_worker_count(head, tmp_p
 
     outs = []
     for max_steps, workers, compiled in ((4, 2, False), (6, 1, cpu_compile_available())):
-        r = subprocess.run(cmd(max_steps, workers, compiled), env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True,
+        r = subprocess.run(cmd(max_steps, workers, compiled), env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
         outs.append(json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1]))
@@ -266,7 +259,7 @@ def test_text_conditional_run_on_caption_shards(head, tmp_path):
            "cond: text, text_dim: 384, text_len: 16, text_encoder: all-minilm-l6-v2}", "scaling.num_workers=2",
            "scaling.cpus_per_worker=0.5",
            "sample.per_class=1", f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=0"]
-    r = subprocess.run(cmd, env=dict(_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
+    r = subprocess.run(cmd, env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
