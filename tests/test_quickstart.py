@@ -116,28 +116,27 @@ def test_quickstart_end_to_end_and_reruns(head, tmp_path):
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "samples")}
     assert logged == {"samples/mar_cfg2.png", "samples/ar_cfg2.png", "samples/fusion_cfg2.png"}
 
-    # A rerun with --redo maskgil and one more MAR sample per class recomputes the MaskGIL and the
-    # samples, nothing else; the MaskGIL starts over (a new Ray Train and MLflow run). Toy models
-    # miss the accuracy target, so --require-target exits 1 after the pipeline completed.
+    # A rerun with --redo maskgil, one more MAR sample per class and more classifier steps recomputes
+    # the classifier (its settings changed), the MaskGIL (asked for; it starts over: a new Ray Train
+    # and MLflow run) and the samples that read both, nothing else. Toy models miss the accuracy
+    # target, so --require-target exits 1 after the pipeline completed.
     first_maskgil = _done(tmp_path, "maskgil")
-    r, log = _quickstart(head, tmp_path, "--redo", "maskgil", "--samples-per-class", "2", "--require-target")
+    again_args = ("--samples-per-class", "2", "--classifier-steps", "25")
+    r, log = _quickstart(head, tmp_path, "--redo", "maskgil", *again_args, "--require-target")
     assert r.returncode == 1, log[-6000:]
     assert "NOT met" in log
-    assert _ran(log) == ["maskgil", "samples"]
-    assert "[samples] ... (maskgil changed since)" in log
+    assert _ran(log) == ["classifier", "maskgil", "samples"]
+    assert "[classifier] ... (settings changed: steps 20 -> 25)" in log
+    assert "[maskgil] ... (--redo)" in log
+    assert "[samples] ... (classifier, maskgil changed since)" in log
     again = _done(tmp_path, "maskgil")
     assert again["run_id"] != first_maskgil["run_id"] and again["step"] == 4 and again["id"] != first_maskgil["id"]
-    assert _done(tmp_path, "samples")["mar_n"] == 32
-    assert _done(tmp_path, "samples")["inputs"]["maskgil"] == again["id"]
-
-    # A changed classifier setting recomputes the classifier and the samples that it judges.
-    r, log = _quickstart(head, tmp_path, "--samples-per-class", "2", "--classifier-steps", "25")
-    assert r.returncode == 0, log[-6000:]
-    assert _ran(log) == ["classifier", "samples"]
-    assert "[classifier] ... (settings changed: steps 20 -> 25)" in log
+    samples = _done(tmp_path, "samples")
+    assert samples["mar_n"] == 32 and samples["inputs"]["maskgil"] == again["id"]
+    assert samples["settings"]["samples_per_class"] == 2
 
     # The same command again: nothing to do.
-    r, log = _quickstart(head, tmp_path, "--samples-per-class", "2", "--classifier-steps", "25")
+    r, log = _quickstart(head, tmp_path, *again_args)
     assert r.returncode == 0, log[-6000:]
     assert _ran(log) == [] and log.count("already complete") == len(STAGES)
     assert np.isfinite(_done(tmp_path, "samples")["mar_accuracy"])
