@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from maskgil.training.runconfig import absolute_tracking_uri, flatten  # noqa: E402
+
 STAGES = ("dataset", "tokenizer", "classifier", "shards", "maskgil", "llamagen", "samples")
 # What each stage reads: a stage is recomputed whenever one of these is (the classifier trains on
 # its own procedural images, so it depends on nothing).
@@ -68,19 +70,11 @@ def recompute_reason(name: str, done: dict | None, settings: dict, redo: set[str
     before = done.get("settings")
     if before is None:
         return "made by an older quickstart (no settings recorded)"
-    old, new = _flat(before), _flat(settings)
+    old, new = flatten(before), flatten(settings)
     diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         return "settings changed: " + "; ".join(diff)
     return None
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}: settings diffs name single values."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def parse_args(argv=None):
@@ -117,9 +111,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     redo = set(STAGES) if "all" in args.redo else set(args.redo)
     dirs = {s: out / s for s in STAGES}
-    uri = args.tracking_uri
-    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    uri = absolute_tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("maskgil-quickstart")
     times: dict[str, float] = {}

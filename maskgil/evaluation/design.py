@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec
-from maskgil.evaluation.sweep import _absolute_uri, expand_groups
+from maskgil.evaluation.sweep import expand_groups
+from maskgil.training.runconfig import absolute_tracking_uri
 
 DESIGN_KEYS = ("tokenizer", "preset", "model")
 DESIGN_COLUMNS = ("trial", "tokenizer", "preset", "model", "rungs_done", "step", "fid", "precision", "recall",
@@ -162,7 +163,7 @@ def run_design_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: str 
 
     num_classes = preset_config(sweep["trials"][0]["preset"]).num_classes
     classifier = resolve_classifier(sweep.get("classifier", "auto"), num_classes, size, cache_dir)
-    uri = _absolute_uri(tracking_uri)
+    uri = absolute_tracking_uri(tracking_uri)
     context = {"name": sweep["name"], "tokenizers": tokenizers, "shards": shards, "rungs": sweep["rungs"],
                "train_config": str(Path(sweep["train_config"]).resolve()), "storage": str(storage / "train"),
                "tracking_uri": uri, "train_experiment": sweep.get("train_experiment", f"sweep-{sweep['name']}-train"),

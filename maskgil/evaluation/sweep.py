@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec
+from maskgil.training.runconfig import absolute_tracking_uri
 
 SWEEP_KINDS = ("sampling", "design")
 
@@ -135,7 +136,7 @@ def run_sampling_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: st
     trainable = tune.with_resources(tune.with_parameters(sampling_trial, context=context),
                                     {"cpu": float(sweep["cpus_per_trial"]), "gpu": float(sweep.get("gpus_per_trial", 0))})
     experiment = sweep.get("experiment", f"sweep-{sweep['name']}")
-    callback = MLflowLoggerCallback(tracking_uri=_absolute_uri(tracking_uri), experiment_name=experiment,
+    callback = MLflowLoggerCallback(tracking_uri=absolute_tracking_uri(tracking_uri), experiment_name=experiment,
                                     save_artifact=True,
                                     tags={"feature_network": prep.feature_network, "reference": prep.reference.name,
                                           "sweep": sweep["name"]})
@@ -178,12 +179,4 @@ def write_report(rows: list[dict], out_dir: Path, sweep: dict, errors: list[str]
     if errors:
         print(f"{len(errors)} trial(s) failed: " + "; ".join(errors))
     return summary
-
-
-def _absolute_uri(uri: str) -> str:
-    """sqlite:///relative.db -> an absolute path, so trials and callbacks in other cwd's agree."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 

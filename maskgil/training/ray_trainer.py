@@ -24,7 +24,7 @@ from maskgil.models import build_model
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
                                    fit, load_checkpoint, save_checkpoint)
-from maskgil.training.runconfig import shard_dirs
+from maskgil.training.runconfig import absolute_tracking_uri, flatten, shard_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Test-only fault injection: the worker of rank MASKGIL_FAULT_RANK exits hard after step
@@ -244,25 +244,6 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the driver
-def _absolute_uri(uri: str) -> str:
-    """Workers run in other directories: make a relative sqlite path absolute."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def training_datasets(grids: dict, bucketed: dict, in_memory: bool) -> dict:
     """{"train_HxW": Ray Dataset} per stage grid (every bucket of a bucketed stage). `in_memory`
     materializes each once: each epoch's streaming split then reads blocks from the object store
@@ -290,7 +271,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     name = run["name"] or train.preset
     storage = Path(run["storage_path"]).resolve()
     output = Path(run["output"] or storage / name / "final").resolve()
-    tracking_uri = _absolute_uri(run["tracking_uri"])
+    tracking_uri = absolute_tracking_uri(run["tracking_uri"])
 
     default_grid = tuple(build_model(train.preset, device="meta", **train.model_overrides).config.grid_size)
     grids = shard_dirs(cfg, default_grid)
@@ -328,7 +309,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         mrun = client.create_run(experiment.experiment_id, run_name=name,
                                  tags={"maskgil.kind": "train", "maskgil.preset": train.preset, **(run["tags"] or {})})
         run_id = mrun.info.run_id
-        params = _flatten({k: v for k, v in cfg.items() if k != "train"})
+        params = flatten({k: v for k, v in cfg.items() if k != "train"})
         params.pop("run.tags", None)
         params.update({f"train.{k}": v for k, v in train.to_dict().items()})
         params["data.codebook_size"] = codebook

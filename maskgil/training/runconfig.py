@@ -89,3 +89,25 @@ def parse_grid(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"a token grid looks like 16x16 (rows x columns), got {text!r}") from None
     return h, w
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """sqlite:///relative.db -> an absolute path: Ray workers, trials and callbacks run in other
+    working directories and must reach the same database."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"data": {"shards": x}} -> {"data.shards": x} (an empty dict stays a value): MLflow params,
+    settings diffs."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
