@@ -87,7 +87,8 @@ def parse_args(argv=None):
                    help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
     p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
-    p.add_argument("--classifier-steps", type=int, default=600)
+    p.add_argument("--classifier-steps", type=int, default=300,
+                   help="judge training steps (300: 100%% on real val images and their reconstructions, like 600)")
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))
     p.add_argument("--llamagen-config", default=str(ROOT / "ray_configs/train_llamagen_tiny.yaml"))
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
@@ -98,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers per generator run")
     p.add_argument("--require-target", action="store_true",
                    help="exit 1 unless MAR class accuracy (at --cfg-scale) reaches 80%% (for CI-style checks)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="start Ray's dashboard with the local instance (its processes take ~5%% of a core)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in this process")
     return p.parse_args(argv)
 
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     if not ray.is_initialized():
         # Our own local instance unless RAY_ADDRESS names a cluster: never attach to a stranger's.
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"), runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-                 log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1")
+                 log_to_driver=False, include_dashboard=args.dashboard, dashboard_host="127.0.0.1")
     try:
         import ray.data
 
