@@ -32,9 +32,9 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """Leave with pytest's own exit status once pytest is done, skipping the interpreter's teardown.
 
-    A CI run passed every test, printed its summary, then died with SIGSEGV during interpreter
-    teardown: third-party native state (Ray's core worker and the daemon threads Ray Serve and Ray
-    Data leave behind, torch, gRPC) being finalized in some order. Nothing of this suite's is checked
+    A CI run passed every test, printed its summary, then died with SIGSEGV (never reproduced here;
+    most likely while the interpreter finalized third-party native state: Ray's core worker, the
+    daemon threads Ray Serve and Ray Data leave behind, torch). Nothing of this suite's is checked
     there, so the exit status is pytest's verdict alone. Run with MASKGIL_TEST_FULL_EXIT=1 to see
     the full teardown (with PYTHONFAULTHANDLER=1 a crash there prints its Python stacks)."""
     if os.environ.get("MASKGIL_TEST_FULL_EXIT") or _EXIT_STATUS not in config.stash:

@@ -9,6 +9,7 @@ from maskgil.checkpoint import CheckpointMismatchError, load_pretrained, save_pr
 from maskgil.models import build_model, load_llamagen_gpt, preset_config
 from maskgil.models.llama import LlamaConfig, LlamaGenerator, ffn_hidden_dim
 from maskgil.models.rope import apply_rope, rope_table
+from maskgil.training import cpu_compile_available
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -84,13 +85,10 @@ def test_rope_2d_layout_matches_hand_rotation():
         torch.testing.assert_close(y[0, 0, 1 + idx].double(), hand_rotate(x[0, 0, 1 + idx], r, c), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
 def test_rope_compiled_form_matches_eager():
     """Eager rotates with a complex multiply, torch.compile with the real form: both must agree,
     on the non-contiguous (B, H, L, D) views attention passes in, and in bf16."""
-    from maskgil.training import cpu_compile_available
-
-    if not cpu_compile_available():
-        pytest.skip("torch.compile needs a C++ compiler on CPU")
     table = rope_table("2d", 16, 3, 5, prefix_len=2)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 17, 4, 16).to(dtype).transpose(1, 2)  # (B, H, L, D), strided like q and k
