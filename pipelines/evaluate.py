@@ -22,11 +22,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
+from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
 from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result  # noqa: E402
 from maskgil.training.runconfig import parse_grid  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -54,16 +53,6 @@ def spec_from_args(a) -> SamplerSpec:
                        schedule=a.schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                        choice_temperature=a.choice_temperature, ar_tokens=a.ar_tokens, seed=a.seed,
                        seed_chunk=a.seed_chunk, grid=a.grid)
-
-
-def init_ray(address: str | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)  # a cluster (ray job submit sets RAY_ADDRESS and ships the working dir)
-    else:  # a fresh local cluster that can import this checkout
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
 def main(argv=None) -> int:
@@ -115,7 +104,8 @@ def main(argv=None) -> int:
         import torch
 
         num_gpus = a.num_gpus if a.num_gpus is not None else (1 if torch.cuda.is_available() else 0)
-        init_ray(a.ray_address)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        init_ray(a.ray_address or os.environ.get("RAY_ADDRESS") or "local")  # a cluster, else a fresh local one
         kwargs = dict(sample_actors=a.sample_actors, score_actors=a.score_actors, batch_size=a.batch_size,
                       score_batch_size=a.score_batch_size, num_gpus=num_gpus, cpus_per_actor=a.cpus_per_actor)
     else:

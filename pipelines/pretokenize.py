@@ -20,6 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.data.images import parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
 from maskgil.data.shards import MANIFEST, QUARANTINE  # noqa: E402
@@ -70,11 +71,7 @@ def main(argv=None) -> dict:
     import ray
 
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-    # Under `ray job submit` the job's working_dir already ships maskgil to the workers; otherwise
-    # point the workers at this checkout.
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    ray.init(address=address, num_cpus=args.num_cpus if address == "local" else None,
-             runtime_env=None if in_job else {"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(address, num_cpus=args.num_cpus if address == "local" else None)
 
     run = None
     if not args.no_mlflow:

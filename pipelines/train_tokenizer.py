@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
 from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
 
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
         else:
             mlflow.set_tag("resumed", "true")
         if not ray.is_initialized():
-            ray.init(address=args.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            init_ray(args.address)
         eval_images = held_out_images(args)
         grid = eval_images[:8] if eval_images is not None else np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
         trainer = TorchTrainer(

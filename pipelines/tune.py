@@ -19,9 +19,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/tune.py` from a checkout
+from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.evaluation.sweep import load_sweep  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_set(items: list[str]) -> dict:
@@ -49,10 +48,7 @@ def main(argv=None) -> int:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if a.ray_address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=a.ray_address)
-    else:
-        ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    init_ray(a.ray_address or os.environ.get("RAY_ADDRESS") or "local")
     try:
         if sweep["kind"] == "sampling":
             from maskgil.evaluation.sweep import run_sampling_sweep

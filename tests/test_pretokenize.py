@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from maskgil.cluster import init_ray
 from maskgil.data.embedded import EmbeddedSpec, class_dir_name, make_image, write_imagenet_folder, write_parquet, write_webdataset
 from maskgil.data.images import nearest_bucket
 from maskgil.data.pretokenize import PretokenizeConfig, run_pretokenize
 from maskgil.data.shards import load_tokens, read_manifest, token_dataset
 from maskgil.tokenizers import build_tokenizer, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # crop size; the tiny tokenizer downsamples 8x -> 4x4 tokens
 
 
@@ -26,8 +26,7 @@ def ray_local():
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-             logging_level="warning")
+    init_ray("local", num_cpus=2, include_dashboard=False, logging_level="warning")  # as the pipelines start Ray
     yield
     ray.shutdown()
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from maskgil.cluster import init_ray
 from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, token_dataset
 from maskgil.models import build_model
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
@@ -26,7 +27,6 @@ from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch
                                    fit, load_checkpoint, save_checkpoint)
 from maskgil.training.runconfig import absolute_tracking_uri, flatten, shard_dirs
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Test-only fault injection: the worker of rank MASKGIL_FAULT_RANK exits hard after step
 # MASKGIL_FAULT_STEP, once (the marker file records that it happened).
 FAULT_ENV = ("MASKGIL_FAULT_STEP", "MASKGIL_FAULT_RANK", "MASKGIL_FAULT_MARKER")
@@ -291,9 +291,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
                          f"train.model_overrides.cond={'class' if want == 'caption' else 'text'}")
 
     if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=verbose > 0)
+        init_ray(env={k: os.environ[k] for k in FAULT_ENV if k in os.environ}, log_to_driver=verbose > 0)
 
     # One MLflow run per (storage, name): a rerun or a restarted job keeps logging into it.
     mlflow.set_tracking_uri(tracking_uri)

@@ -1,0 +1,37 @@
+"""maskgil.cluster.init_ray: how every pipeline starts or joins Ray (no cluster needed here)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+from maskgil.cluster import init_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _captured(monkeypatch) -> dict:
+    seen: dict = {}
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    return seen
+
+
+def test_workers_import_this_checkout_and_get_extra_env(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    seen = _captured(monkeypatch)
+    init_ray("local", env={"MASKGIL_FAULT_STEP": "3"}, num_cpus=2)
+    env = seen["runtime_env"]["env_vars"]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]  # this checkout first, nothing lost
+    assert env["MASKGIL_FAULT_STEP"] == "3"
+    assert seen["address"] == "local" and seen["num_cpus"] == 2
+
+
+def test_a_ray_job_keeps_its_own_runtime_env(monkeypatch):
+    """Under `ray job submit` the job's working_dir already ships the code; the runtime env stays
+    the one the job was submitted with."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    seen = _captured(monkeypatch)
+    init_ray("auto", env={"X": "1"})
+    assert "runtime_env" not in seen and seen["address"] == "auto"
