@@ -8,6 +8,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def cluster_address(explicit: str | None = None) -> str:
+    """The address a pipeline uses: the one given, else $RAY_ADDRESS (set by `ray job submit`),
+    else "local" (a private instance, never someone else's `ray start` on this machine)."""
+    return explicit or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def init_ray(address: str | None = None, *, env: dict[str, str] | None = None, **kwargs) -> None:
     """`ray.init(address, **kwargs)` with this project's set-up. `address` reads as ray.init's
     ("local" starts a private instance, None joins $RAY_ADDRESS or the last `ray start` on this

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
-from maskgil.cluster import init_ray  # noqa: E402
+from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
 from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result  # noqa: E402
 from maskgil.training.runconfig import parse_grid  # noqa: E402
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
         num_gpus = a.num_gpus if a.num_gpus is not None else (1 if torch.cuda.is_available() else 0)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        init_ray(a.ray_address or os.environ.get("RAY_ADDRESS") or "local")  # a cluster, else a fresh local one
+        init_ray(cluster_address(a.ray_address))
         kwargs = dict(sample_actors=a.sample_actors, score_actors=a.score_actors, batch_size=a.batch_size,
                       score_batch_size=a.score_batch_size, num_gpus=num_gpus, cpus_per_actor=a.cpus_per_actor)
     else:

@@ -20,7 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from maskgil.cluster import init_ray  # noqa: E402
+from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.data.images import parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
 from maskgil.data.shards import MANIFEST, QUARANTINE  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    address = cluster_address(args.address)
     init_ray(address, num_cpus=args.num_cpus if address == "local" else None)
 
     run = None

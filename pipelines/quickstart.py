@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from maskgil.cluster import init_ray  # noqa: E402
+from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.training.runconfig import absolute_tracking_uri, flatten  # noqa: E402
 
 STAGES = ("dataset", "tokenizer", "classifier", "shards", "maskgil", "llamagen", "samples")
@@ -123,8 +123,7 @@ def main(argv=None) -> int:
     t_all = time.time()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        # Our own local instance unless RAY_ADDRESS names a cluster: never attach to a stranger's.
-        init_ray(os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False, include_dashboard=args.dashboard,
+        init_ray(cluster_address(), log_to_driver=False, include_dashboard=args.dashboard,
                  dashboard_host="127.0.0.1")
     try:
         import ray.data

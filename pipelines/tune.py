@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/tune.py` from a checkout
-from maskgil.cluster import init_ray  # noqa: E402
+from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.sweep import load_sweep  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    init_ray(a.ray_address or os.environ.get("RAY_ADDRESS") or "local")
+    init_ray(cluster_address(a.ray_address))
     try:
         if sweep["kind"] == "sampling":
             from maskgil.evaluation.sweep import run_sampling_sweep

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ray
 
-from maskgil.cluster import init_ray
+from maskgil.cluster import cluster_address, init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +35,11 @@ def test_a_ray_job_keeps_its_own_runtime_env(monkeypatch):
     seen = _captured(monkeypatch)
     init_ray("auto", env={"X": "1"})
     assert "runtime_env" not in seen and seen["address"] == "auto"
+
+
+def test_cluster_address_prefers_the_given_one_then_ray_address_then_local(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster_address() == "local"  # never a stranger's `ray start` on this machine
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster_address() == "10.0.0.1:6379"
+    assert cluster_address("127.0.0.1:6380") == "127.0.0.1:6380"
