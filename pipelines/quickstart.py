@@ -6,7 +6,7 @@
 Stages (a rerun skips the finished ones: only a stage that is asked for with --redo, was interrupted,
 reads the output of a stage that was remade, or would run with other settings runs again):
   dataset     embedded shapes x colours, ImageNet folder layout, 64 px       -> runs/quickstart/dataset
-  tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), trained in-process    -> runs/quickstart/tokenizer
+  tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), in-process, bf16 if native -> runs/quickstart/tokenizer
   classifier  small CNN on real images: the judge of generated samples         -> runs/quickstart/classifier
   shards      pretokenize with Ray Data (+ horizontal flips)                  -> runs/quickstart/shards
   maskgil     tiny MaskGIL, Ray Train (DDP over CPU workers)                  -> runs/quickstart/maskgil
@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
+from maskgil.precision import PRECISIONS, resolve_precision  # noqa: E402
 from maskgil.training.runconfig import absolute_tracking_uri, flatten  # noqa: E402
 
 STAGES = ("dataset", "tokenizer", "classifier", "shards", "maskgil", "llamagen", "samples")
@@ -88,6 +89,9 @@ def parse_args(argv=None):
                    help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
     p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
+    p.add_argument("--tokenizer-precision", choices=PRECISIONS, default="auto",
+                   help="tokenizer training: bf16 autocast (quantizer in fp32) or fp32; auto = bf16 where the CPU "
+                        "or GPU multiplies bf16 natively (AMX/AVX512-BF16: about half the step time)")
     p.add_argument("--classifier-steps", type=int, default=300,
                    help="judge training steps (300: 100%% on real val images and their reconstructions, like 600)")
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
             return info
 
         run_stage("dataset", lambda p, resume: stage_dataset(p, args), {"n_train": args.n_train})
-        run_stage("tokenizer", lambda p, resume: stage_tokenizer(p, args, resume), {"preset": args.tokenizer_preset})
+        run_stage("tokenizer", lambda p, resume: stage_tokenizer(p, args, resume),
+                  {"preset": args.tokenizer_preset, "precision": resolve_precision(args.tokenizer_precision, "cpu")})
         run_stage("classifier", lambda p, resume: stage_classifier(p, args), {"steps": args.classifier_steps})
         run_stage("shards", lambda p, resume: stage_shards(p, dirs), {})
         for kind in ("maskgil", "llamagen"):
@@ -222,14 +227,16 @@ def stage_tokenizer(path: Path, args, resume: bool) -> dict:
     val = load_folder_images(path.parent / "dataset" / "val")[::2][:256]
     # Pixel L2 + VQ terms only: on 2 CPU cores the Inception perceptual loss costs ~10x a step and
     # the GAN starts after this budget anyway; 8x8 codes of flat-coloured shapes need neither.
-    cfg = default_train_config(args.tokenizer_preset, perceptual="none", perceptual_weight=0.0, disc_weight=0.0)
+    cfg = default_train_config(args.tokenizer_preset, perceptual="none", perceptual_weight=0.0, disc_weight=0.0,
+                               precision=args.tokenizer_precision)
     state = path / TRAIN_STATE_NAME
     resumed = resume and state.is_file()
     if not resumed:
         state.unlink(missing_ok=True)
     trainer = TokenizerTrainer.resume(path) if resumed else TokenizerTrainer(cfg)
     with mlflow.start_run(run_name="tokenizer", nested=True):
-        mlflow.log_params({f"tokenizer.{k}": v for k, v in vars(cfg).items()} | {"resumed_from_step": trainer.step})
+        mlflow.log_params({f"tokenizer.{k}": v for k, v in vars(cfg).items()}
+                          | {"resumed_from_step": trainer.step, "tokenizer.precision_used": trainer.precision})
 
         def log(tr, m):
             mlflow.log_metrics({k: float(v) for k, v in m.items() if isinstance(v, (int, float))}, step=tr.step)
@@ -246,7 +253,8 @@ def stage_tokenizer(path: Path, args, resume: bool) -> dict:
         grid = save_recon_grid(tok, val[::16][:8], path / "reconstructions.png")
         mlflow.log_metric("val_psnr", val_psnr)
         mlflow.log_artifact(str(grid))
-    return {"preset": args.tokenizer_preset, "steps": trainer.step, "val_psnr_db": round(val_psnr, 2),
+    return {"preset": args.tokenizer_preset, "precision": trainer.precision, "steps": trainer.step,
+            "val_psnr_db": round(val_psnr, 2),
             "codebook_usage": history[-1].get("usage_window") if history else None}
 
 

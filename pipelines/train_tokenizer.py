@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
+from maskgil.precision import PRECISIONS  # noqa: E402
 from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--disc-start", type=int, default=None)
     p.add_argument("--disc-adaptive", action="store_true", default=None)
     p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16 autocast (quantizer in fp32), fp32 (default), or auto: bf16 where the device "
+                        "multiplies bf16 natively (GPUs with bf16, CPUs with AMX or AVX512-BF16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
@@ -92,7 +96,7 @@ def parse_args(argv=None):
 def train_config_from_args(args) -> TokenizerTrainConfig:
     overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "recon_loss", "perceptual", "perceptual_weight",
                                                "lpips_weights", "vgg16_weights", "disc_weight", "disc_start",
-                                               "disc_adaptive", "ema_decay", "seed") if getattr(args, k) is not None}
+                                               "disc_adaptive", "ema_decay", "precision", "seed") if getattr(args, k) is not None}
     return default_train_config(args.preset, model_overrides=args.model_overrides, **overrides)
 
 

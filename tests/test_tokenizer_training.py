@@ -157,3 +157,31 @@ def test_tiny_defaults_and_grid(tmp_path):
 
     path = save_recon_grid(tok, blobs(4, 64), tmp_path / "grid.png", scale=1)
     assert Image.open(path).size == (4 * 64, 2 * 64)
+
+
+def test_bf16_training_runs_convolutions_in_bf16_and_keeps_fp32_weights():
+    data = blobs()
+    seen = {}
+
+    def record(name):  # forward hook that notes an output dtype (returns None: the output is unchanged)
+        def hook(module, inputs, out):
+            seen.setdefault(name, (out[0] if isinstance(out, tuple) else out).dtype)
+        return hook
+
+    trainer = TokenizerTrainer(micro_config(precision="bf16"))
+    assert trainer.precision == "bf16"
+    trainer.model.encoder.register_forward_hook(record("encoder_out"))
+    trainer.model.quantize.register_forward_hook(record("quantized"))
+    first = trainer.train_step(data[:8])["recon"]
+    assert seen == {"encoder_out": torch.bfloat16, "quantized": torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    for i in range(60):
+        m = trainer.train_step(data[8 * (i % 8): 8 * (i % 8) + 8])
+    assert np.isfinite(m["loss"]) and m["recon"] < 0.5 * first, (first, m["recon"])
+    # fp32 training stays fp32 throughout
+    fp32 = TokenizerTrainer(micro_config())
+    fp32.model.encoder.register_forward_hook(record("fp32_encoder_out"))
+    fp32.train_step(data[:8])
+    assert fp32.precision == "fp32" and seen["fp32_encoder_out"] == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        micro_config(precision="half")

@@ -103,6 +103,11 @@ class LFQuantizer(nn.Module):
         return (codes_to_bits(codes, self.bits).float() * 2 - 1).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor):  # z (B, D, h, w)
+        # Always fp32, also under bf16 autocast: the entropy terms' code-chunk matmuls and logs need it.
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor):  # z (B, D, h, w) fp32
         q = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
         codes = self.codes(z)
         losses = {"commitment": self.beta * F.mse_loss(z, q.detach())}

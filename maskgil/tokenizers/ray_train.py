@@ -39,6 +39,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     client = MlflowClient(cfg["tracking_uri"]) if rank == 0 else None
     if client is not None:
         client.set_tag(cfg["run_id"], "perceptual_loss", trainer.perceptual_name)
+        client.set_tag(cfg["run_id"], "precision", trainer.precision)
         if checkpoint is not None:
             client.log_metric(cfg["run_id"], "resumed_from_step", trainer.step, step=trainer.step)
     grid_images = np.asarray(cfg["grid_images"], dtype=np.uint8)

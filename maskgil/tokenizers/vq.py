@@ -61,15 +61,18 @@ class VectorQuantizer(nn.Module):
         return F.normalize(w, dim=-1) if self.l2_norm else w
 
     def lookup(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """z (N, D) -> nearest code id (N,), in row chunks so N x K never materialises at once."""
-        if self.l2_norm:
-            z = F.normalize(z, dim=-1)
-        e = self.codebook()
-        e_sq = (e * e).sum(-1)  # (K,)
-        out = []
-        for zc in z.split(chunk):
-            # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is constant per row
-            out.append((e_sq[None] - 2.0 * zc @ e.t()).argmin(-1))
+        """z (N, D) -> nearest code id (N,), in row chunks so N x K never materialises at once.
+        In fp32 even under bf16 autocast (bf16 distances pick wrong codes)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            if self.l2_norm:
+                z = F.normalize(z, dim=-1)
+            e = self.codebook()
+            e_sq = (e * e).sum(-1)  # (K,)
+            out = []
+            for zc in z.split(chunk):
+                # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; ||z||^2 is constant per row
+                out.append((e_sq[None] - 2.0 * zc @ e.t()).argmin(-1))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,11 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, z: torch.Tensor):  # z (B, D, h, w)
+        # Always fp32, also under bf16 autocast (losses and straight-through in full precision).
+        with torch.autocast(z.device.type, enabled=False):
+            return self._quantize(z.float())
+
+    def _quantize(self, z: torch.Tensor):  # z (B, D, h, w) fp32
         B, D, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, D)  # (N, D)
         codes = self.lookup(flat.detach())

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from maskgil.checkpoint import WEIGHTS_NAME, check_known_fields, save_pretrained
+from maskgil.precision import PRECISIONS, resolve_precision
 from maskgil.training.distributed import (full_model_state, full_optimizer_state, load_full_state, no_grad_sync,
                                           unwrap)
 from maskgil.training.objectives import compute_loss
@@ -53,7 +54,7 @@ class TrainConfig:
     label_smoothing: float | None = None  # None: 0.1 for masked models (paper), 0.0 for AR
     grid_schedule: list = field(default_factory=list)  # weak-to-strong: [[step, h, w], ...] ascending
     seed: int = 0
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast on GPU; FSDP2 mixed precision)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast; FSDP2 mixed precision) | "auto" (bf16 where native)
     strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"
     compile: bool = False  # torch.compile each block and the loss (needs a C++ compiler on CPU)
     checkpoint_every: int = 100
@@ -65,8 +66,8 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_steps < 1 or self.global_batch < 1:
             raise ValueError("max_steps and global_batch must be >= 1")
         steps = [int(s[0]) for s in self.grid_schedule]
@@ -263,8 +264,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         g["lr"] = lr_at(step, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
-                              and cfg.strategy != "fsdp")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=resolve_precision(cfg.precision, device) == "bf16" and cfg.strategy != "fsdp")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):

@@ -22,6 +22,7 @@ from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from maskgil.cluster import init_ray
 from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, token_dataset
 from maskgil.models import build_model
+from maskgil.precision import resolve_precision
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
                                    fit, load_checkpoint, save_checkpoint)
@@ -155,6 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     strategy = resolve_strategy(cfg.strategy, cfg.preset, world, config["use_gpu"])
     cfg.strategy = strategy  # train_step picks autocast (DDP) vs FSDP2 mixed precision from it
+    cfg.precision = resolve_precision(cfg.precision, device)  # "auto" -> what this device runs
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = build_model(cfg.preset, **cfg.model_overrides)
     if cfg.compile:
@@ -170,7 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
             start = load_checkpoint(d, model, optimizer)
     logger = MlflowRunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
     if logger:  # what `auto` resolved to, and where the workers ran (the last attempt's, on a resume)
-        logger.set_tags({"maskgil.strategy": strategy, "maskgil.device": device.type, "maskgil.num_workers": world})
+        logger.set_tags({"maskgil.strategy": strategy, "maskgil.device": device.type, "maskgil.num_workers": world,
+                         "maskgil.precision": cfg.precision})
     if logger and start:
         logger.log_metrics({"resumed_from_step": start["step"]}, step=start["step"])
 
