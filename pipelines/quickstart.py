@@ -6,7 +6,7 @@
 Stages (a rerun skips the finished ones: only a stage that is asked for with --redo, was interrupted,
 reads the output of a stage that was remade, or would run with other settings runs again):
   dataset     embedded shapes x colours, ImageNet folder layout, 64 px       -> runs/quickstart/dataset
-  tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), in-process, bf16 if native -> runs/quickstart/tokenizer
+  tokenizer   tiny LlamaGen-VQ (512 codes, 8x8 tokens), trained in-process    -> runs/quickstart/tokenizer
   classifier  small CNN on real images: the judge of generated samples         -> runs/quickstart/classifier
   shards      pretokenize with Ray Data (+ horizontal flips)                  -> runs/quickstart/shards
   maskgil     tiny MaskGIL, Ray Train (DDP over CPU workers)                  -> runs/quickstart/maskgil
@@ -89,9 +89,10 @@ def parse_args(argv=None):
                    help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
     p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
-    p.add_argument("--tokenizer-precision", choices=PRECISIONS, default="auto",
-                   help="tokenizer training: bf16 autocast (quantizer in fp32) or fp32; auto = bf16 where the CPU "
-                        "or GPU multiplies bf16 natively (AMX/AVX512-BF16: about half the step time)")
+    p.add_argument("--tokenizer-precision", choices=PRECISIONS, default="fp32",
+                   help="tokenizer training in fp32, bf16 autocast (quantizer in fp32), or auto (bf16 where the "
+                        "hardware multiplies bf16 natively). bf16 halves the step time on AMX CPUs, but its "
+                        "tokenizers gave MAR samples 77-91%% against 91-95%% (docs/quickstart_runs.md)")
     p.add_argument("--classifier-steps", type=int, default=300,
                    help="judge training steps (300: 100%% on real val images and their reconstructions, like 600)")
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))

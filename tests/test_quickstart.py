@@ -85,9 +85,7 @@ def test_quickstart_end_to_end_and_reruns(head, tmp_path):
     assert len(list((qs / "dataset" / "train").rglob("*.JPEG"))) == 256
     tokenizer = _done(tmp_path, "tokenizer")
     assert tokenizer["steps"] == 20
-    from maskgil.precision import resolve_precision
-
-    assert tokenizer["precision"] == resolve_precision("auto", "cpu")  # bf16 where the CPU has AMX/AVX512-BF16
+    assert tokenizer["precision"] == "fp32"  # the default; bf16 tokenizers cost MAR accuracy here
     shards = _done(tmp_path, "shards")
     assert shards["rows_written"] == 512 and shards["inputs_quarantined"] == 0 and shards["reconciled"]
     from maskgil.checkpoint import load_pretrained
