@@ -6,6 +6,8 @@ fp32); elsewhere bf16 is emulated and slower than fp32. "auto" picks by that.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -13,10 +15,14 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 def native_bf16(device: str | torch.device) -> bool:
     """True if `device` runs bf16 matmuls in hardware (CUDA with bf16 support; CPU with AMX or AVX512-BF16)."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    return _native_bf16(torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)  # the hardware does not change: probe once, not on every train_step
+def _native_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
+    if device_type == "cpu":
         # Private but long-standing probes (torch.cpu); a torch without them counts as no support.
         probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
         return any(p is not None and p() for p in probes)

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.cluster import init_ray  # noqa: E402
-from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
+from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
 from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
