@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast (quantizer in fp32), fp32 (default), or auto: bf16 where the device "
                         "multiplies bf16 natively (GPUs with bf16, CPUs with AMX or AVX512-BF16)")
+    p.add_argument("--code-noise", type=float, default=None,
+                   help="probability that a decoder input code is swapped for a random one in training (0.1 makes "
+                        "decoded images robust to a generator's wrong tokens; the quickstart uses it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
@@ -96,7 +99,7 @@ def parse_args(argv=None):
 def train_config_from_args(args) -> TokenizerTrainConfig:
     overrides = {k: getattr(args, k) for k in ("batch_size", "lr", "recon_loss", "perceptual", "perceptual_weight",
                                                "lpips_weights", "vgg16_weights", "disc_weight", "disc_start",
-                                               "disc_adaptive", "ema_decay", "precision", "seed") if getattr(args, k) is not None}
+                                               "disc_adaptive", "ema_decay", "precision", "code_noise", "seed") if getattr(args, k) is not None}
     return default_train_config(args.preset, model_overrides=args.model_overrides, **overrides)
 
 

@@ -122,3 +122,12 @@ def test_kuberay_config_entrypoint_parses():
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
                for g in spec["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert gpus == args.num_workers
+
+
+def test_code_noise_flag_reaches_the_train_config():
+    import train_tokenizer
+
+    def noise(*argv):
+        return train_tokenizer.train_config_from_args(train_tokenizer.parse_args(["--out", "x", *argv])).code_noise
+
+    assert noise() == 0.0 and noise("--code-noise", "0.1") == 0.1

@@ -185,3 +185,55 @@ def test_bf16_training_runs_convolutions_in_bf16_and_keeps_fp32_weights():
     assert fp32.precision == "fp32" and seen["fp32_encoder_out"] == torch.float32
     with pytest.raises(ValueError, match="precision"):
         micro_config(precision="half")
+
+
+# ----------------------------------------------------------------------------------- code noise
+@pytest.mark.parametrize("preset", ["llamagen-vq-tiny", "lfq-magvit2-tiny"])
+def test_code_noise_swaps_whole_code_vectors_without_gradient_into_them(preset):
+    """corrupt_latents replaces about p of the positions by some code's vector (a codebook row for
+    VQ, a +-1 vector for LFQ) and passes the gradient only through the positions it kept."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(preset)
+    D = tok.embed_dim
+    z = torch.randn(8, D, 16, 16, requires_grad=True)
+    assert tok.corrupt_latents(z, 0.0) is z
+    out = tok.corrupt_latents(z, 0.3)
+    swapped = (out != z).any(1)  # (B, h, w)
+    assert 0.25 < swapped.float().mean() < 0.35
+    kept = ~swapped
+    assert torch.equal(out.permute(0, 2, 3, 1)[kept], z.permute(0, 2, 3, 1)[kept])
+    vecs = out.permute(0, 2, 3, 1)[swapped]  # (n, D)
+    if preset.startswith("llamagen"):
+        book = tok.quantize.codebook().detach()  # (K, D)
+        assert (vecs.detach()[:, None] - book[None]).abs().amax(-1).min(1).values.max() == 0  # codebook rows
+    else:
+        assert torch.equal(vecs.abs(), torch.ones_like(vecs))
+    out.sum().backward()
+    assert torch.equal(z.grad, kept[:, None].expand_as(z).float())
+    assert all(p.grad is None for p in tok.parameters())
+
+
+def test_code_noise_changes_the_reconstruction_only():
+    """In training, the codes and the quantizer losses are those of the clean codes; only the
+    decoder sees swapped ones."""
+    tok = build_tokenizer("llamagen-vq-tiny").train()
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    torch.manual_seed(1)
+    rec, losses, codes = tok(x)
+    torch.manual_seed(1)
+    rec_n, losses_n, codes_n = tok(x, code_noise=0.5)
+    assert torch.equal(codes, codes_n)
+    assert all(torch.equal(losses[k], losses_n[k]) for k in losses)
+    assert not torch.allclose(rec, rec_n)
+    with pytest.raises(ValueError, match="code_noise"):
+        micro_config(code_noise=1.0)
+
+
+def test_trainer_passes_code_noise_to_the_model(monkeypatch):
+    seen = []
+    trainer = TokenizerTrainer(micro_config(code_noise=0.2))
+    forward = type(trainer.model).forward
+    monkeypatch.setattr(type(trainer.model), "forward",
+                        lambda self, x, code_noise=0.0: seen.append(code_noise) or forward(self, x, code_noise))
+    trainer.train_step(blobs(8))
+    assert seen == [0.2]

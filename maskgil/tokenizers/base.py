@@ -52,7 +52,8 @@ class ImageTokenizer(nn.Module):
     Subclasses set `codebook_size`, `downsample`, `embed_dim` and implement:
       `encode_to_codes(x: float (B,3,H,W)) -> long (B,h,w)`,
       `decode_from_codes(codes: long (B,h,w)) -> float (B,3,H,W)`,
-      `forward(x) -> (reconstruction, losses: dict[str, Tensor], codes)` for training.
+      `forward(x, code_noise=0.0) -> (reconstruction, losses: dict[str, Tensor], codes)` for training
+      (`code_noise`: see `corrupt_latents`; the losses and codes stay those of the clean codes).
     """
 
     config_class: type
@@ -71,6 +72,18 @@ class ImageTokenizer(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def corrupt_latents(self, z_q: torch.Tensor, p: float) -> torch.Tensor:
+        """Decoder-side code noise for training: each position's code vector z_q (B, D, h, w) is
+        replaced, with probability p, by the vector of a uniformly random code (no gradient flows
+        into it). A generator's wrong tokens reach the decoder the same way; a decoder trained on
+        them keeps the object's shape instead of spreading the error."""
+        if p <= 0:
+            return z_q
+        B, _, h, w = z_q.shape
+        hit = torch.rand(B, 1, h, w, device=z_q.device) < p  # (B, 1, h, w)
+        random = self.quantize.embed(torch.randint(0, self.codebook_size, (B, h, w), device=z_q.device))
+        return torch.where(hit, random.detach().to(z_q.dtype), z_q)
 
     def _eval_no_grad(self, fn, *args):
         was_training = self.training

@@ -152,10 +152,10 @@ class LFQTokenizer(ImageTokenizer):
     def decode_from_codes(self, codes: torch.Tensor) -> torch.Tensor:  # (B,h,w) -> (B,3,H,W)
         return self.decoder(self.quantize.embed(codes))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, code_noise: float = 0.0):
         """Training pass: x (B,3,H,W) -> (reconstruction, {commitment, entropy}, codes (B,h,w))."""
-        z_q, losses, codes = self.quantize(self.encoder(x))
-        return self.decoder(z_q), losses, codes
+        z_q, losses, codes = self.quantize(self.encoder(x))  # z_q (B, bits, h, w)
+        return self.decoder(self.corrupt_latents(z_q, code_noise)), losses, codes
 
     def last_layer_weight(self) -> torch.Tensor:
         return self.decoder.conv_out.weight

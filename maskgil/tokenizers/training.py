@@ -58,12 +58,15 @@ class TokenizerTrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA; e.g. 0.999
     dead_code_restart: int = 0  # every N steps, re-seed VQ codes unused since the last check (0 = off)
     crop_size: int = 0  # train on random crops of this size (fully convolutional: ~(H/crop)^2 cheaper steps); 0 = off
+    code_noise: float = 0.0  # P(a decoder input code is swapped for a random one) in training; 0 = off
     precision: str = "fp32"  # "fp32" | "bf16" (autocast; the quantizer stays fp32) | "auto" (bf16 where native)
     seed: int = 0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.code_noise < 1.0:
+            raise ValueError(f"code_noise is a probability in [0, 1), got {self.code_noise}")
 
 
 # Preset-specific defaults. The tiny presets train at 64 px for minutes on 2 CPU cores: a 10x higher
@@ -196,7 +199,7 @@ class TokenizerTrainer:
     def losses(self, x: torch.Tensor):
         """Generator-side losses for float images x (B,3,H,W): (total, reconstruction, metrics)."""
         c = self.config
-        rec, qlosses, codes = self.model(x)
+        rec, qlosses, codes = self.model(x, code_noise=c.code_noise)
         rec = rec.float()  # losses in fp32 under bf16 autocast too
         recon = F.l1_loss(rec, x) if c.recon_loss == "l1" else F.mse_loss(rec, x)
         perceptual = self.perceptual(rec, x).mean() if self.perceptual is not None else rec.new_zeros(())

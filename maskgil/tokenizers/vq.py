@@ -158,10 +158,10 @@ class VQTokenizer(ImageTokenizer):
     def decode_from_codes(self, codes: torch.Tensor) -> torch.Tensor:  # (B,h,w) -> (B,3,H,W)
         return self.decoder(self.post_quant_conv(self.quantize.embed(codes)))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, code_noise: float = 0.0):
         """Training pass: x (B,3,H,W) in [-1,1] -> (reconstruction, {codebook, commitment}, codes (B,h,w))."""
-        z_q, losses, codes = self.quantize(self.quant_conv(self.encoder(x)))
-        return self.decoder(self.post_quant_conv(z_q)), losses, codes
+        z_q, losses, codes = self.quantize(self.quant_conv(self.encoder(x)))  # z_q (B, D, h, w)
+        return self.decoder(self.post_quant_conv(self.corrupt_latents(z_q, code_noise))), losses, codes
 
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's output conv weight: the adaptive GAN weight balances gradients here."""
