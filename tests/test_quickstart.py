@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.quickstart import NEEDS, STAGES, recompute_reason
+from pipelines.quickstart import (NEEDS, STAGES, generator_config, parse_args, recompute_reason,
+                                  tokenizer_train_config)
 from ray_head import local_head, repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,28 @@ def test_stage_dependencies_point_backwards():
         assert all(STAGES.index(n) < STAGES.index(name) for n in needs), name
     assert set(NEEDS) == set(STAGES)
     assert {"tokenizer", "classifier", "maskgil", "llamagen"} <= set(NEEDS["samples"])
+
+
+def test_seed_reaches_the_tokenizer_and_both_generators(tmp_path):
+    """--seed is the seed of everything the quickstart trains (--set train.seed still wins for the
+    generators); the default stays 0, the seed of every measured run."""
+    from maskgil.data.shards import MANIFEST, SCHEMA_VERSION
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / MANIFEST).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "codebook_size": 512}))
+    dirs = {s: tmp_path / s for s in STAGES}
+
+    def seeds(*argv):
+        args = parse_args(list(argv))
+        gens = [generator_config(k, args, dirs, "sqlite:///x.db", "parent")["train"]["seed"]
+                for k in ("maskgil", "llamagen")]
+        return tokenizer_train_config(args).seed, gens
+
+    assert seeds() == (0, [0, 0])
+    assert tokenizer_train_config(parse_args([])).code_noise == 0.1  # the quickstart's decoder-robust recipe
+    assert seeds("--seed", "3") == (3, [3, 3])
+    assert seeds("--seed", "3", "--set", "train.seed=5") == (3, [5, 5])
 
 
 # ------------------------------------------------------------------------------ on a local Ray head
@@ -86,6 +109,7 @@ def test_quickstart_end_to_end_and_reruns(head, tmp_path):
     tokenizer = _done(tmp_path, "tokenizer")
     assert tokenizer["steps"] == 20
     assert tokenizer["precision"] == "fp32"  # the default; bf16 tokenizers cost MAR accuracy here
+    assert tokenizer["settings"]["seed"] == 0 and tokenizer["settings"]["code_noise"] == 0.1
     shards = _done(tmp_path, "shards")
     assert shards["rows_written"] == 512 and shards["inputs_quarantined"] == 0 and shards["reconciled"]
     from maskgil.checkpoint import load_pretrained
@@ -98,6 +122,8 @@ def test_quickstart_end_to_end_and_reruns(head, tmp_path):
     samples = _done(tmp_path, "samples")
     assert samples["mar_n"] == 16 and samples["ar_n"] == samples["fusion_n"] == 64
     assert samples["real_val_accuracy"] >= 0 and 0 <= samples["mar_accuracy"] <= 1
+    assert 0 <= samples["recon_accuracy_20pct_wrong_codes"] <= 1
+    assert f"with 20% of their codes random {samples['recon_accuracy_20pct_wrong_codes']:.1%}" in log
     sizes = {p.name: Image.open(p).size for p in (qs / "samples").glob("*.png")}
     assert sizes == {"mar_cfg2.png": (1060, 268), "ar_cfg2.png": (1060, 1060), "fusion_cfg2.png": (1060, 1060)}
     assert f"MAR class accuracy at CFG 2: {samples['mar_accuracy']:.1%}" in log

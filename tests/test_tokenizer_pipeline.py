@@ -65,6 +65,16 @@ def test_evaluate_classifier_accuracy_on_reconstructions():
     assert result["recon_accuracy"] == pytest.approx(float((pred == labels).mean()))
     assert result["recon_shape_accuracy"] == pytest.approx(float((shape_and_colour(pred)[0] == labels // 4).mean()))
     assert result["original_accuracy"] == pytest.approx(float((classify(clf, images) == labels).mean()))
+    # the judge on images decoded from 20 % random codes, at positions that do not depend on the tokenizer
+    from maskgil.tokenizers.evaluate import swap_random_codes
+
+    codes = tok.encode(images)
+    wrong = swap_random_codes(codes, 0.2, 512)
+    assert torch.equal(wrong, swap_random_codes(codes, 0.2, 512)) and torch.equal(swap_random_codes(codes, 0.0, 512), codes)
+    big = swap_random_codes(torch.zeros(100, 8, 8, dtype=torch.long), 0.2, 512)
+    assert 0.17 < (big != 0).float().mean() < 0.23 and big.max() < 512
+    pred = classify(clf, tok.decode(wrong))
+    assert result["wrong_codes_accuracy"] == pytest.approx(float((pred == labels).mean()))
 
 
 @pytest.fixture(scope="module")

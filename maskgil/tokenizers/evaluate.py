@@ -29,14 +29,25 @@ def _batches(images: Any, batch_size: int) -> Iterator[Any]:
         yield images[i : i + batch_size]
 
 
+def swap_random_codes(codes: torch.Tensor, fraction: float, codebook_size: int, seed: int = 0) -> torch.Tensor:
+    """`codes` (any shape, on the CPU) with each entry replaced, with probability `fraction`, by a
+    uniformly random code; seeded, so every tokenizer is tested on the same positions."""
+    g = torch.Generator().manual_seed(seed)
+    swap = torch.rand(codes.shape, generator=g) < fraction
+    return torch.where(swap, torch.randint(0, codebook_size, codes.shape, generator=g), codes.cpu())
+
+
 def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int = 32, rfid: bool = True,
                        inception_weights: str | None = None, progress: bool = False, labels: Any = None,
-                       classifier: Any = None) -> dict:
+                       classifier: Any = None, wrong_codes: float = 0.2) -> dict:
     """Metrics of `tokenizer` on `images` (uint8 (N,H,W,3)/(N,3,H,W) or float (N,3,H,W) in [-1,1]).
 
     With embedded-set `labels` and an `EmbeddedClassifier`, also how often the classifier still names
     the right class / colour / shape on the reconstructions (vs on the originals): whether the
-    tokenizer keeps the classes recognisable.
+    tokenizer keeps the classes recognisable; and `wrong_codes_accuracy`, the same on images decoded
+    from the codes with a `wrong_codes` fraction swapped for random ones (`swap_random_codes`). A
+    generator's tokens are never all right: this tells how well the decoder keeps the object around
+    the wrong ones, which reconstructions from clean codes do not show.
     """
     from tqdm.auto import tqdm
 
@@ -44,13 +55,14 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
     if n == 0:
         raise ValueError("no images to evaluate")
     psnrs, ssims, used = [], [], torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
-    originals, recons = [], []
+    originals, recons, all_codes = [], [], []
     start = time.time()
     for batch in tqdm(_batches(images, batch_size), total=-(-n // batch_size), disable=not progress, desc="reconstruct"):
         x = to_model_input(batch)
         codes = tokenizer.encode(x)
         rec = tokenizer.decode(codes).cpu()  # clamped to [-1, 1]
         used[codes.reshape(-1).cpu()] = True
+        all_codes.append(codes.cpu())
         psnrs.append(psnr(x, rec, data_range=2.0))
         ssims.append(ssim(x, rec, data_range=2.0))
         if rfid or classifier is not None:
@@ -71,6 +83,10 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
 
         for name, imgs in (("original", torch.cat(originals)), ("recon", torch.cat(recons))):
             out.update({f"{name}_{k}": v for k, v in class_accuracy(classifier, imgs, labels).items()})
+        wrong = swap_random_codes(torch.cat(all_codes), wrong_codes, tokenizer.codebook_size)
+        decoded = torch.cat([tokenizer.decode(c).cpu() for c in wrong.split(batch_size)])
+        out["wrong_codes_accuracy"] = class_accuracy(classifier, decoded, labels)["accuracy"]
+        out["wrong_codes_fraction"] = wrong_codes
     if rfid:
         extractor = InceptionFeatureExtractor(weights_path=inception_weights, batch_size=batch_size)
         f_real = extractor.features(torch.cat(originals))
