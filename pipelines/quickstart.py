@@ -92,10 +92,11 @@ def parse_args(argv=None):
                    help="tiny tokenizer family (see maskgil.tokenizers.presets); generators follow its codebook size")
     p.add_argument("--tokenizer-steps", type=int, default=1000)
     p.add_argument("--tokenizer-minutes", type=float, default=4.0, help="time cap of tokenizer training")
-    p.add_argument("--tokenizer-precision", choices=PRECISIONS, default="fp32",
-                   help="tokenizer training in fp32, bf16 autocast (quantizer in fp32), or auto (bf16 where the "
-                        "hardware multiplies bf16 natively). bf16 halves the step time on AMX CPUs; without code "
-                        "noise its tokenizers gave MAR samples 77-91%%, and with code noise it is untried")
+    p.add_argument("--tokenizer-precision", choices=PRECISIONS, default="auto",
+                   help="tokenizer training in fp32, bf16 autocast (quantizer in fp32), or auto: bf16 where the "
+                        "hardware multiplies bf16 natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32. bf16 "
+                        "trains the tokenizer in ~60%% of the fp32 time; with code noise its MAR samples scored "
+                        "as well as fp32's (docs/quickstart_runs.md)")
     p.add_argument("--tokenizer-code-noise", type=float, default=0.1,
                    help="probability that a decoder input code is swapped for a random one in tokenizer training. "
                         "The decoder then keeps shapes intact around a generator's wrong tokens: without it the MAR "

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskgil.precision import resolve_precision
 from pipelines.quickstart import (NEEDS, STAGES, generator_config, parse_args, recompute_reason,
                                   tokenizer_train_config)
 from ray_head import local_head, repo_env
@@ -108,7 +109,7 @@ def test_quickstart_end_to_end_and_reruns(head, tmp_path):
     assert len(list((qs / "dataset" / "train").rglob("*.JPEG"))) == 256
     tokenizer = _done(tmp_path, "tokenizer")
     assert tokenizer["steps"] == 20
-    assert tokenizer["precision"] == "fp32"  # the default; bf16 tokenizers cost MAR accuracy here
+    assert tokenizer["precision"] == resolve_precision("auto", "cpu")  # the default: bf16 where native
     assert tokenizer["settings"]["seed"] == 0 and tokenizer["settings"]["code_noise"] == 0.1
     shards = _done(tmp_path, "shards")
     assert shards["rows_written"] == 512 and shards["inputs_quarantined"] == 0 and shards["reconciled"]
