@@ -62,7 +62,8 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
         codes = tokenizer.encode(x)
         rec = tokenizer.decode(codes).cpu()  # clamped to [-1, 1]
         used[codes.reshape(-1).cpu()] = True
-        all_codes.append(codes.cpu())
+        if classifier is not None:
+            all_codes.append(codes.cpu())
         psnrs.append(psnr(x, rec, data_range=2.0))
         ssims.append(ssim(x, rec, data_range=2.0))
         if rfid or classifier is not None:
