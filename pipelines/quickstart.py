@@ -96,12 +96,13 @@ def parse_args(argv=None):
                    help="tokenizer training in fp32, bf16 autocast (quantizer in fp32), or auto: bf16 where the "
                         "hardware multiplies bf16 natively (AMX / AVX512-BF16 CPUs, CUDA), else fp32. bf16 "
                         "trains the tokenizer in ~60%% of the fp32 time; with code noise its MAR samples scored "
-                        "87.5-96.5%% over three seeds, fp32's 92.2-95.3%% (docs/quickstart_runs.md)")
+                        "87.5-96.5%% over five seeds (mean 92.7%%), fp32's 91.4-95.3%% (mean 93.3%%): within the "
+                        "spread of the generators' own seed (docs/quickstart_runs.md)")
     p.add_argument("--tokenizer-code-noise", type=float, default=0.1,
                    help="probability that a decoder input code is swapped for a random one in tokenizer training. "
                         "The decoder then keeps shapes intact around a generator's wrong tokens: without it the MAR "
-                        "score depended on the tokenizer's seed (91-95%% vs 81-83%%); with 0.1 three seeds gave 92-95%% "
-                        "in fp32 (docs/quickstart_runs.md). 0 turns it off")
+                        "score depended on the tokenizer's seed (91-95%% vs 81-83%%); with 0.1 five seeds gave 87.5-96.5%% "
+                        "in bf16 and 91.4-95.3%% in fp32 (docs/quickstart_runs.md). 0 turns it off")
     p.add_argument("--classifier-steps", type=int, default=300,
                    help="judge training steps (300: 100%% on real val images and their reconstructions, like 600)")
     p.add_argument("--maskgil-config", default=str(ROOT / "ray_configs/train_maskgil_tiny.yaml"))
