@@ -194,6 +194,8 @@ def test_same_seed_trains_the_same_model_bit_for_bit(head, tmp_path):
     shuffle buffer: with data.preserve_order (the default) the Parquet reads may finish in any order
     but the rows reach the workers in the same order, so the weights are identical. Without it the
     quickstart's MaskGIL differed by 0.009 after 20 steps (docs/quickstart_runs.md)."""
+    from safetensors.torch import load_file
+
     shards = tmp_path / "shards"
     write_token_shards(shards, n=256, files=16)
     weights = []
@@ -208,8 +210,6 @@ def test_same_seed_trains_the_same_model_bit_for_bit(head, tmp_path):
         r = subprocess.run(cmd, env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
                            cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        from safetensors.torch import load_file
-
         weights.append(load_file(str(tmp_path / name / "model.safetensors")))
     a, b = weights
     assert a.keys() == b.keys()

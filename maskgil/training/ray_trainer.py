@@ -247,7 +247,7 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------- the driver
-def training_datasets(grids: dict, bucketed: dict, in_memory: bool, preserve_order: bool = True) -> dict:
+def training_datasets(grids: dict, bucketed: dict, in_memory: bool, preserve_order: bool) -> dict:
     """{"train_HxW": Ray Dataset} per stage grid (every bucket of a bucketed stage). `in_memory`
     materializes each once: each epoch's streaming split then reads blocks from the object store
     instead of re-running the Parquet read and column conversion (~2 s per epoch on 2 cores).
@@ -346,6 +346,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
         "shuffle_buffer": cfg["data"]["shuffle_buffer"], "sample": cfg["sample"],
         "tokenizer": str(Path(run["tokenizer"]).resolve()) if run["tokenizer"] else None,
     }
+    ordered = bool(cfg["data"]["preserve_order"])  # the read and the split both keep file order
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -356,8 +357,8 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=int(run["max_failures"]))),
         datasets=training_datasets(grids, bucketed, in_memory=bool(cfg["data"]["in_memory"]),
-                                   preserve_order=bool(cfg["data"]["preserve_order"])),
-        dataset_config=ingest_config(bool(cfg["data"]["preserve_order"])),
+                                   preserve_order=ordered),
+        dataset_config=ingest_config(ordered),
     )
     status = "FAILED"
     try:
