@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -70,6 +73,84 @@ def check_known_fields(config_class: type, keys, what: str, error: type[Exceptio
     bad = sorted(set(keys) - known)
     if bad:
         raise error(f"unknown {what}(s) {bad}; known: {sorted(known)}")
+
+
+def checked_fields(config_class: type, data: Mapping[str, Any], what: str, prefix: str = "",
+                   error: type[Exception] = ValueError) -> dict:
+    """`data` ready to build `config_class` from: unknown keys and values of the wrong type raise
+    `error` naming the key (as `prefix` + key). Run files and `--set` overrides come through YAML, which reads `1e-4` as
+    a string (YAML 1.1 wants `1.0e-4`): numeric strings become floats where a float is expected,
+    rather than failing later inside a Ray worker."""
+    check_known_fields(config_class, data, what, error)
+    hints = typing.get_type_hints(config_class)
+    return {k: typed_value(v, hints[k], prefix + k, error) for k, v in data.items()}
+
+
+def typed_value(value: Any, hint: Any, name: str, error: type[Exception] = ValueError) -> Any:
+    """`value` checked against the annotation `hint` (bool, int, float, str, unions with None, tuples,
+    lists, dicts; anything else passes): numeric strings become numbers, whole numbers (1e3) pass as
+    ints, ints widen to float, lists become tuples. Raises `error` that says what `name` expected and what it got."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return typed_value(value, option, name, error)
+            except error:
+                continue
+    elif hint is Any:
+        return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint in (int, float):
+        number = None if isinstance(value, bool) else value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if hint is float and isinstance(number, numbers.Real):
+            return float(number)
+        if isinstance(number, numbers.Integral):
+            return int(number)
+        if isinstance(number, numbers.Real) and float(number).is_integer():  # 1e3, 1.0e3: a whole number
+            return int(number)
+    elif hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    elif hint is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            if not args or (len(args) == 2 and args[1] is Ellipsis):
+                item = args[0] if args else Any
+                return tuple(typed_value(v, item, f"{name}[{i}]", error) for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(typed_value(v, a, f"{name}[{i}]", error) for i, (v, a) in enumerate(zip(value, args)))
+    elif hint is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif hint is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    else:
+        return value
+    raise error(f"{name} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple and typing.get_args(hint):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", tuple: "a list"}
+    return names.get(hint, names.get(typing.get_origin(hint), str(hint)))
 
 
 def config_from_dict(config_class: type, data: Mapping[str, Any]) -> Any:

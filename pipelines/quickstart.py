@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS, resolve_precision  # noqa: E402
-from maskgil.training.runconfig import absolute_tracking_uri, flatten  # noqa: E402
+from maskgil.training.runconfig import (CONFIG_ERRORS, absolute_tracking_uri, flatten, load_run_config,  # noqa: E402
+                                        parse_overrides)
 
 STAGES = ("dataset", "tokenizer", "classifier", "shards", "maskgil", "llamagen", "samples")
 # What each stage reads: a stage is recomputed whenever one of these is (the classifier trains on
@@ -118,7 +119,13 @@ def parse_args(argv=None):
     p.add_argument("--dashboard", action="store_true",
                    help="start Ray's dashboard with the local instance (its processes take ~5%% of a core)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in this process")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # a bad run file or --set stops here, not minutes later when the generator stage reads it
+        for config in (args.maskgil_config, args.llamagen_config):
+            load_run_config(config, parse_overrides(args.set))
+    except CONFIG_ERRORS as e:
+        p.error(str(e))
+    return args
 
 
 def main(argv=None) -> int:
@@ -303,7 +310,6 @@ def generator_config(kind: str, args, dirs, uri: str, parent_id: str) -> dict:
     """The Ray Train run config of a generator stage: the run file, --set, and the paths and
     codebook size of this quickstart."""
     from maskgil.data.shards import read_manifest
-    from maskgil.training.runconfig import load_run_config, parse_overrides
 
     path = dirs[kind]
     config = args.maskgil_config if kind == "maskgil" else args.llamagen_config

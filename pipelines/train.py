@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.training.ray_trainer import run_training  # noqa: E402
-from maskgil.training.runconfig import load_run_config, parse_overrides  # noqa: E402
+from maskgil.training.runconfig import CONFIG_ERRORS, load_run_config, parse_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,13 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config values")
     args = p.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    for key, section, value in (("shards", "data", args.shards), ("output", "run", args.output),
-                                ("name", "run", args.name), ("tokenizer", "run", args.tokenizer),
-                                ("tracking_uri", "run", args.tracking_uri)):
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    cfg = load_run_config(args.config, overrides)
+    try:  # a bad run file or override stops here, before Ray starts, with the key it is about
+        overrides = parse_overrides(args.set)
+        for key, section, value in (("shards", "data", args.shards), ("output", "run", args.output),
+                                    ("name", "run", args.name), ("tokenizer", "run", args.tokenizer),
+                                    ("tracking_uri", "run", args.tracking_uri)):
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+        cfg = load_run_config(args.config, overrides)
+    except CONFIG_ERRORS as e:
+        p.error(str(e))
     out = run_training(cfg)
     print(json.dumps({k: v for k, v in out.items() if k != "metrics"}, indent=2))
     print(f"final checkpoint: {out['checkpoint']} (step {out['step']}); MLflow run {out['run_id']}")

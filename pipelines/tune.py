@@ -21,13 +21,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/tune.py` from a checkout
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.sweep import load_sweep  # noqa: E402
+from maskgil.training.runconfig import CONFIG_ERRORS  # noqa: E402
 
 
 def parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
@@ -43,7 +44,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override top-level sweep keys")
     a = p.parse_args(argv)
 
-    sweep = load_sweep(a.sweep, parse_set(a.set))
+    try:  # a bad sweep file stops here, before Ray starts
+        sweep = load_sweep(a.sweep, parse_set(a.set))
+    except CONFIG_ERRORS as e:
+        p.error(str(e))
     out = Path(a.out or Path("runs/sweeps") / sweep["name"])
     import ray
 

@@ -166,6 +166,9 @@ def test_bad_settings_name_the_problem(setup, tmp_path):
         SamplerSpec(sampler="diffusion")
     with pytest.raises(ValueError, match="unknown sampler setting"):
         SamplerSpec.from_dict({"cfg": 2.0})
+    with pytest.raises(ValueError, match="sampler setting steps must be an integer, got 'eight'"):
+        SamplerSpec.from_dict({"steps": "eight"})
+    assert SamplerSpec.from_dict({"cfg_scale": "1e0", "grid": [4, 6]}) == SamplerSpec(cfg_scale=1.0, grid=(4, 6))
     with pytest.raises(ValueError, match=r"needs checkpoint\(s\) \['ar'\]"):
         ModelPaths(tokenizer=setup["tokenizer"], mar=setup["mar"]).check("fusion")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):

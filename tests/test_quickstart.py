@@ -71,6 +71,16 @@ def test_seed_reaches_the_tokenizer_and_both_generators(tmp_path):
     assert seeds("--seed", "3", "--set", "train.seed=5") == (3, [5, 5])
 
 
+def test_a_bad_override_stops_the_quickstart_before_any_stage(capsys):
+    """--set is read with the generators' run files at start-up: a mistake there must not surface
+    only after the tokenizer has trained for minutes."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--set", "train.max_steps=many"])
+    assert exit_info.value.code == 2
+    assert "train.max_steps must be an integer, got 'many'" in capsys.readouterr().err
+    assert parse_args(["--set", "train.lr=3e-3"]).set == ["train.lr=3e-3"]  # YAML's string '3e-3' is a number here
+
+
 # ------------------------------------------------------------------------------ on a local Ray head
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):

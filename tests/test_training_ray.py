@@ -80,6 +80,51 @@ def test_tiny_configs_and_overrides():
             {f: v for f, v in base["train"].items() if f != "model_overrides"}
 
 
+def test_override_values_are_typed_like_the_config():
+    """YAML 1.1 reads `1e-4` as a string, so `--set train.lr=1e-4` used to reach AdamW as '1e-4' and
+    fail inside a Ray worker; values are now checked and coerced when the run config is read."""
+    from maskgil.training import TrainConfig
+
+    cfg = load_run_config(CONFIGS / "train_maskgil_tiny.yaml", parse_overrides(
+        ["train.lr=1e-4", "train.weight_decay=0", "train.max_steps=1e3", "train.betas=[0.8, 0.9]",
+         "scaling.cpus_per_worker=1", "train.model_overrides={dim: 64, grid_size: [4, 4]}"]))
+    t = TrainConfig.from_dict(cfg["train"])
+    assert t.lr == 0.0001 and isinstance(t.lr, float) and t.weight_decay == 0.0 and isinstance(t.weight_decay, float)
+    assert t.max_steps == 1000 and isinstance(t.max_steps, int) and t.betas == (0.8, 0.9)
+    assert cfg["scaling"]["cpus_per_worker"] == 1.0 and isinstance(cfg["scaling"]["cpus_per_worker"], float)
+    bad = {"train.lr=abc": "train.lr must be a number, got 'abc'",
+           "train.max_steps=2.5": "train.max_steps must be an integer, got 2.5",
+           "train.compile=maybe": "train.compile must be true or false",
+           "train.betas=[0.9]": "train.betas must be a list of 2",
+           "train.label_smoothing=none": "train.label_smoothing must be a number or null",
+           "scaling.num_workers=two": "scaling.num_workers must be an integer",
+           "data.shuffle_buffer=[1]": "data.shuffle_buffer must be an integer",
+           "sample.top_k=0.5": "sample.top_k must be an integer or null",
+           "train.preset=maskgil-m": "train.preset: unknown preset 'maskgil-m'",
+           "train.model_overrides={dim: wide}": "train.model_overrides: LlamaConfig.dim must be an integer",
+           "train.model_overrides={width: 8}": "train.model_overrides: unknown LlamaConfig field"}
+    for item, message in bad.items():
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
+            load_run_config(CONFIGS / "train_maskgil_tiny.yaml", parse_overrides([item]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config", "no/such/run.yaml"], "No such file or directory"),
+    (["--config", str(CONFIGS / "train_maskgil_tiny.yaml"), "--set", "train.lr=fast"], "train.lr must be a number"),
+    (["--set", "max_steps=3"], "must look like section.key=value"),
+])
+def test_train_pipeline_reports_config_mistakes_as_usage_errors(argv, message, capsys):
+    """A bad run file or override ends the command with exit status 2 and one line naming the key,
+    before Ray starts (no traceback from inside a worker)."""
+    from pipelines.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_kuberay_train_manifest():
     job = yaml.safe_load((CONFIGS / "kuberay_train.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"

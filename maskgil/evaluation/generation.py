@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskgil.checkpoint import check_known_fields
+from maskgil.checkpoint import checked_fields
 from maskgil.images import to_uint8_nhwc
 
 SAMPLERS = ("mar", "ar", "fusion")
@@ -63,8 +63,7 @@ class SamplerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSpec":
-        check_known_fields(cls, d, "sampler setting")
-        return cls(**d)
+        return cls(**checked_fields(cls, d, "sampler setting", prefix="sampler setting "))
 
     def fusion_k(self, n_tokens: int) -> int:
         k = n_tokens // 2 if self.ar_tokens is None else int(self.ar_tokens)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from maskgil.checkpoint import check_known_fields
+from maskgil.checkpoint import checked_fields
 from maskgil.models.llama import LlamaGenerator
 from maskgil.models.transformer import BidirectionalTransformer
 
@@ -47,7 +47,7 @@ def preset_config(name: str, **overrides):
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     cls, kwargs = PRESETS[name]
     cfg_cls = cls.config_class
-    check_known_fields(cfg_cls, overrides, f"{cfg_cls.__name__} field", error=TypeError)
+    overrides = checked_fields(cfg_cls, overrides, f"{cfg_cls.__name__} field", f"{cfg_cls.__name__}.", TypeError)
     return cfg_cls(**{**kwargs, **overrides})
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from maskgil.checkpoint import WEIGHTS_NAME, check_known_fields, save_pretrained
+from maskgil.checkpoint import WEIGHTS_NAME, checked_fields, save_pretrained
 from maskgil.precision import PRECISIONS, resolve_precision
 from maskgil.training.distributed import (full_model_state, full_optimizer_state, load_full_state, no_grad_sync,
                                           unwrap)
@@ -77,8 +77,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        check_known_fields(cls, data, "training config key")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "training config key", prefix="train."))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

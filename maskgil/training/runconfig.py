@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from maskgil.checkpoint import typed_value
+from maskgil.models.presets import preset_config
 from maskgil.training.loop import TrainConfig
 
 DEFAULTS = {
@@ -28,6 +30,13 @@ DEFAULTS = {
     "sample": {"classes": None, "prompts": None, "per_class": 2, "cfg_scale": 2.0, "steps": 8, "temperature": 1.0,
                "choice_temperature": 4.5, "top_k": None},
 }
+# What reading a run file and its overrides raises for a user's mistake (missing file, bad YAML, unknown
+# key, wrong type): the pipelines print it as a usage error instead of a traceback.
+CONFIG_ERRORS = (OSError, ValueError, yaml.YAMLError)
+# What the keys that default to None take; every other key takes its default's type.
+NULLABLE_TYPES = {"data.shards": str | dict | None, "run.name": str | None, "run.output": str | None,
+                  "run.tokenizer": str | None, "sample.classes": list | None, "sample.prompts": list | None,
+                  "sample.top_k": int | None}
 
 
 def _merge(base: dict, new: dict, where: str) -> dict:
@@ -62,7 +71,18 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
             raise ValueError(f"{path}: a run config is a mapping of sections")
     cfg = _merge(DEFAULTS, data, "")
     cfg = _merge(cfg, overrides or {}, "")
-    TrainConfig.from_dict(cfg["train"])  # raises on unknown / invalid training keys
+    for section, values in cfg.items():
+        if section != "train":
+            for key, value in values.items():
+                name = f"{section}.{key}"
+                values[key] = typed_value(value, NULLABLE_TYPES.get(name, type(DEFAULTS[section][key])), name)
+    train = TrainConfig.from_dict(cfg["train"])  # raises on unknown keys and wrong types (workers coerce alike)
+    try:  # the model a worker will build: the preset exists and the overrides fit its config
+        preset_config(train.preset, **train.model_overrides)
+    except KeyError as e:
+        raise ValueError(f"train.preset: {e.args[0]}") from None
+    except TypeError as e:
+        raise ValueError(f"train.model_overrides: {e.args[0]}") from None
     if cfg["scaling"]["num_workers"] < 1:
         raise ValueError("scaling.num_workers must be >= 1")
     return cfg
