@@ -27,7 +27,8 @@ def load_pair(preset: str, mar_dir: str | None, ar_dir: str | None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="size suffix: tiny, b, l, xl, xxl (default tiny)")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "b", "l", "xl", "xxl"],
+                   help="size suffix of the maskgil-* / llamagen-* presets (default tiny)")
     p.add_argument("--mar", help="MaskGIL checkpoint directory (default: random weights)")
     p.add_argument("--ar", help="causal (LlamaGen-style) checkpoint directory (default: random weights)")
     p.add_argument("--batch", type=int, default=4)

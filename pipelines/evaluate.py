@@ -89,8 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=1)
     a = p.parse_args(argv)
 
-    spec = spec_from_args(a)
-    paths = ModelPaths(tokenizer=a.tokenizer, mar=a.mar, ar=a.ar)
+    try:  # bad sampler settings or checkpoint paths stop here, before Ray starts
+        spec = spec_from_args(a)
+        paths = ModelPaths(tokenizer=a.tokenizer, mar=a.mar, ar=a.ar)
+        paths.check(spec.sampler)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     if a.num_images is None:
         from maskgil.evaluation.run import generator_info, prompt_set
 

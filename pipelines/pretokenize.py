@@ -20,6 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from maskgil.checkpoint import read_config  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.data.images import parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
@@ -60,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    try:  # the driver reads the tokenizer first anyway: a wrong path stops here, before Ray starts
+        read_config(args.tokenizer)
+    except (OSError, ValueError) as e:
+        print(f"pretokenize.py: error: --tokenizer: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     cfg = PretokenizeConfig(
         source=args.source, format=args.format, out=args.out, tokenizer=args.tokenizer, image_size=args.image_size,
         augment=args.augment, crop_range=args.crop_range, buckets=args.buckets, target=args.target,

@@ -175,6 +175,22 @@ def test_bad_settings_name_the_problem(setup, tmp_path):
         ModelPaths(tokenizer=str(tmp_path), mar=setup["mar"]).check("mar")
 
 
+
+def test_evaluate_pipeline_reports_bad_arguments_before_starting(setup, tmp_path, capsys):
+    """A missing checkpoint or an impossible sampler setting is a usage error (exit 2, one line), not
+    a traceback from inside a Ray actor."""
+    from pipelines.evaluate import main
+
+    cases = {("--tokenizer", str(tmp_path), "--mar", setup["mar"]): "--tokenizer " + str(tmp_path),
+             ("--tokenizer", setup["tokenizer"], "--sampler", "fusion", "--mar", setup["mar"]): "needs checkpoint(s) ['ar']",
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--steps", "0"): "steps must be >= 1"}
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--reference", str(tmp_path), "--engine", "local"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------------------- scoring
 
 class MeanColourExtractor:

@@ -3,6 +3,7 @@ import copy
 import shlex
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 
@@ -51,3 +52,14 @@ def test_kuberay_rayjob_manifest():
     for pod in (cluster["headGroupSpec"]["template"], gpu["template"]):
         mounts = [m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts", [])]
         assert any(args.tokenizer.startswith(m) for m in mounts)
+
+
+def test_a_wrong_tokenizer_path_is_a_usage_error_before_ray_starts(tmp_path, capsys):
+    from pipelines.pretokenize import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", str(tmp_path), "--format", "imagenet", "--out", str(tmp_path / "out"),
+              "--tokenizer", str(tmp_path / "no_tokenizer"), "--no-mlflow"])
+    assert exit_info.value.code == 2
+    assert "no_tokenizer is not a checkpoint directory" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
