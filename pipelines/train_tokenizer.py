@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.cluster import init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
+from maskgil.tokenizers.presets import TOKENIZER_PRESETS, tokenizer_config  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
 from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
 
@@ -51,7 +52,7 @@ def held_out_images(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llamagen-vq-tiny")
+    p.add_argument("--preset", default="llamagen-vq-tiny", choices=sorted(TOKENIZER_PRESETS))
     p.add_argument("--model-overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"codebook_size": 1024}\'')
     p.add_argument("--data", default="embedded", help="'embedded' or a directory of images")
     p.add_argument("--format", choices=["imagenet", "parquet", "webdataset"], default="imagenet")
@@ -93,7 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--no-rfid", action="store_true")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # wrong config fields stop here, not inside a Ray Train worker
+        tokenizer_config(args.preset, **args.model_overrides)
+    except TypeError as e:
+        p.error(f"--model-overrides: {e}")
+    return args
 
 
 def train_config_from_args(args) -> TokenizerTrainConfig:

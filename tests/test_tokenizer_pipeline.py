@@ -141,3 +141,18 @@ def test_code_noise_flag_reaches_the_train_config():
         return train_tokenizer.train_config_from_args(train_tokenizer.parse_args(["--out", "x", *argv])).code_noise
 
     assert noise() == 0.0 and noise("--code-noise", "0.1") == 0.1
+
+
+def test_model_overrides_are_checked_at_the_command_line(capsys):
+    """Config fields reach the Ray Train workers only after a check: an unknown field or a wrong type
+    is a usage error naming it; a right one lands in the built tokenizer."""
+    import train_tokenizer
+
+    for overrides, message in (('{"codebook_size": "big"}', "VQConfig.codebook_size must be an integer, got 'big'"),
+                               ('{"codebooks": 3}', "unknown VQConfig field(s) ['codebooks']")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_tokenizer.parse_args(["--out", "x", "--model-overrides", overrides])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    args = train_tokenizer.parse_args(["--out", "x", "--model-overrides", '{"codebook_size": 64, "ch_mult": [1, 2, 2, 4]}'])
+    tok = build_tokenizer(args.preset, **args.model_overrides)
+    assert tok.codebook_size == 64 and tok.config.ch_mult == (1, 2, 2, 4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from maskgil.checkpoint import checked_fields
 from maskgil.tokenizers.base import ImageTokenizer
 from maskgil.tokenizers.lfq import LFQConfig, LFQTokenizer
 from maskgil.tokenizers.vq import VQConfig, VQTokenizer
@@ -39,9 +40,16 @@ TOKENIZER_PRESETS: dict[str, tuple[type, Any]] = {
 }
 
 
-def build_tokenizer(name: str, **overrides: Any) -> ImageTokenizer:
-    """A freshly initialised tokenizer from a preset; keyword overrides replace config fields."""
+def tokenizer_config(name: str, **overrides: Any) -> VQConfig | LFQConfig:
+    """The config of preset `name` with fields replaced; unknown fields and wrong types raise."""
     if name not in TOKENIZER_PRESETS:
         raise ValueError(f"unknown tokenizer preset {name!r}; known: {sorted(TOKENIZER_PRESETS)}")
-    cls, config = TOKENIZER_PRESETS[name]
-    return cls(replace(config, **overrides))
+    config = TOKENIZER_PRESETS[name][1]
+    kind = type(config).__name__
+    return replace(config, **checked_fields(type(config), overrides, f"{kind} field", f"{kind}.", TypeError))
+
+
+def build_tokenizer(name: str, **overrides: Any) -> ImageTokenizer:
+    """A freshly initialised tokenizer from a preset; keyword overrides replace config fields."""
+    config = tokenizer_config(name, **overrides)  # raises on an unknown preset
+    return TOKENIZER_PRESETS[name][0](config)
