@@ -182,6 +182,14 @@ def test_design_sweep_file_expands_and_rejects_bad_trials(tmp_path):
         load_design({**base, "rungs": [20, 10], "base": {"tokenizer": "vq"}})
     with pytest.raises(ValueError, match=r"unknown design setting\(s\) \['qk_norm'\]"):
         load_design({**base, "base": {"tokenizer": "vq", "qk_norm": "none"}})
+    # Each trial's run config is checked up front, before any shard is written or trial started.
+    base["train_config"] = str(REPO / "ray_configs" / "train_maskgil_tiny.yaml")
+    with pytest.raises(ValueError, match="train.model_overrides: LlamaConfig.post_norm must be true or false"):
+        load_design({**base, "base": {"tokenizer": "vq", "model": {"post_norm": "off"}}})
+    with pytest.raises(ValueError, match="train.preset: unknown preset 'maskgil-s'"):
+        load_design({**base, "base": {"tokenizer": "vq", "preset": "maskgil-s"}})
+    with pytest.raises(ValueError, match="train.lr must be a number"):
+        load_design({**base, "base": {"tokenizer": "vq"}, "train_overrides": {"lr": "high"}})
 
 
 def test_rung_run_config_trains_to_the_rung_with_the_trial_flags(tmp_path):

@@ -45,6 +45,11 @@ def load_design(sweep: dict) -> dict:
             raise ValueError(f"trial {t}: tokenizer {t.get('tokenizer')!r} is not one of {sorted(sweep['tokenizers'])}")
         t.setdefault("preset", "maskgil-tiny")
         t.setdefault("model", {})
+        try:  # the trial's whole run config, paths as placeholders: a mistake stops the sweep before it starts
+            trial_run_config(sweep["train_config"], t, rungs[-1], "-", 2, "check", "-", "-", "sqlite:///check.db",
+                             "check", "-", sweep.get("train_overrides"), sweep.get("scaling"))
+        except ValueError as e:
+            raise ValueError(f"trial {t}: {e}") from None
     sweep["trials"] = trials
     return sweep
 
