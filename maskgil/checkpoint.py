@@ -78,9 +78,9 @@ def check_known_fields(config_class: type, keys, what: str, error: type[Exceptio
 def checked_fields(config_class: type, data: Mapping[str, Any], what: str, prefix: str = "",
                    error: type[Exception] = ValueError) -> dict:
     """`data` ready to build `config_class` from: unknown keys and values of the wrong type raise
-    `error` naming the key (as `prefix` + key). Run files and `--set` overrides come through YAML, which reads `1e-4` as
-    a string (YAML 1.1 wants `1.0e-4`): numeric strings become floats where a float is expected,
-    rather than failing later inside a Ray worker."""
+    `error` naming the key (as `prefix` + key). Run files and `--set` overrides come through YAML,
+    which reads `1e-4` as a string (YAML 1.1 wants `1.0e-4`): numeric strings become numbers where a
+    number is expected, rather than failing later inside a Ray worker."""
     check_known_fields(config_class, data, what, error)
     hints = typing.get_type_hints(config_class)
     return {k: typed_value(v, hints[k], prefix + k, error) for k, v in data.items()}
@@ -89,7 +89,7 @@ def checked_fields(config_class: type, data: Mapping[str, Any], what: str, prefi
 def typed_value(value: Any, hint: Any, name: str, error: type[Exception] = ValueError) -> Any:
     """`value` checked against the annotation `hint` (bool, int, float, str, unions with None, tuples,
     lists, dicts; anything else passes): numeric strings become numbers, whole numbers (1e3) pass as
-    ints, ints widen to float, lists become tuples. Raises `error` that says what `name` expected and what it got."""
+    ints, ints widen to float, lists become tuples. Raises `error` saying what `name` expected and got."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
