@@ -26,3 +26,37 @@ def init_ray(address: str | None = None, *, env: dict[str, str] | None = None, *
                     **(env or {})}
         kwargs.setdefault("runtime_env", {"env_vars": env_vars})
     ray.init(address=address, **kwargs)
+
+
+def worker_group_shortfall(per_worker: dict[str, float], num_workers: int, cluster: dict[str, float]) -> str | None:
+    """What a worker group needs beyond the cluster's total resources, in words; None if it fits."""
+    short = [f"{need:g} {k} ({num_workers} workers x {v:g}) where the cluster has {cluster.get(k, 0.0):g}"
+             for k, v in per_worker.items() if (need := v * num_workers) > cluster.get(k, 0.0) + 1e-9]
+    return "; ".join(short) or None
+
+
+def check_worker_group_fits(per_worker: dict[str, float], num_workers: int, cpu_hint: str, size_settings: str) -> None:
+    """Before a Ray Train fit(): a worker group larger than the cluster would leave Ray Train retrying
+    its start every minute, forever. Where this process started Ray, nothing can add nodes, so that
+    is an error; on a cluster an autoscaler may grow, a warning. `cpu_hint` says how to train on CPUs
+    instead, `size_settings` which settings size the group."""
+    import ray
+
+    short = worker_group_shortfall(per_worker, num_workers, ray.cluster_resources())
+    if short is None:
+        return
+    hint = (f"{cpu_hint}, or " if "GPU" in short else "") + f"lower {size_settings}"
+    if _ray_started_here():
+        raise ValueError(f"this run needs {short}, and the local Ray instance it started cannot grow: {hint}")
+    print(f"warning: this run needs {short}; it waits until the cluster grows (an autoscaler adding nodes), "
+          f"or {hint}", flush=True)
+
+
+def _ray_started_here() -> bool:
+    """Whether this process started its Ray instance (then no autoscaler can add nodes)."""
+    try:
+        from ray._private.worker import global_worker
+
+        return bool(global_worker.node.head)
+    except Exception:  # private API: when in doubt, assume a cluster that may grow
+        return False

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskgil.cluster import init_ray  # noqa: E402
+from maskgil.cluster import check_worker_group_fits, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
 from maskgil.tokenizers.presets import TOKENIZER_PRESETS, tokenizer_config  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
@@ -125,6 +125,10 @@ def main(argv=None) -> dict:
     from maskgil.tokenizers.evaluate import evaluate_tokenizer
     from maskgil.tokenizers.training import save_recon_grid
 
+    if not ray.is_initialized():
+        init_ray(args.address)
+    check_worker_group_fits({"CPU": args.cpus_per_worker, **({"GPU": 1.0} if args.use_gpu else {})},
+                            args.num_workers, "drop --use-gpu to train on CPUs", "--num-workers / --cpus-per-worker")
     tracking_uri = absolute_tracking_uri(args.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(args.experiment)
@@ -142,8 +146,6 @@ def main(argv=None) -> dict:
                                "steps": args.steps, "num_workers": args.num_workers, "use_gpu": args.use_gpu})
         else:
             mlflow.set_tag("resumed", "true")
-        if not ray.is_initialized():
-            init_ray(args.address)
         eval_images = held_out_images(args)
         grid = eval_images[:8] if eval_images is not None else np.zeros((0, args.image_size, args.image_size, 3), np.uint8)
         trainer = TorchTrainer(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ray
 
-from maskgil.cluster import cluster_address, init_ray
+from maskgil.cluster import cluster_address, init_ray, worker_group_shortfall
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +43,11 @@ def test_cluster_address_prefers_the_given_one_then_ray_address_then_local(monke
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cluster_address() == "10.0.0.1:6379"
     assert cluster_address("127.0.0.1:6380") == "127.0.0.1:6380"
+
+
+def test_worker_group_shortfall_by_hand():
+    assert worker_group_shortfall({"CPU": 0.5}, 2, {"CPU": 2.0}) is None
+    assert worker_group_shortfall({"CPU": 1.0, "GPU": 1.0}, 8, {"CPU": 64.0, "GPU": 8.0}) is None
+    assert worker_group_shortfall({"CPU": 1.0, "GPU": 1.0}, 8, {"CPU": 16.0, "GPU": 4.0}) == \
+        "8 GPU (8 workers x 1) where the cluster has 4"
+    assert worker_group_shortfall({"CPU": 1.5}, 2, {}) == "3 CPU (2 workers x 1.5) where the cluster has 0"

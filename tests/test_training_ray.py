@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from maskgil.training import cpu_compile_available
-from maskgil.training.ray_trainer import worker_group_shortfall
 from maskgil.training.runconfig import load_run_config, parse_overrides
 from ray_head import local_head, repo_env
 
@@ -315,31 +314,30 @@ def test_conditioning_must_match_the_shards(tmp_path):
             run_training(cfg)
 
 
-def test_worker_group_shortfall_by_hand():
-    assert worker_group_shortfall({"CPU": 0.5}, 2, {"CPU": 2.0}) is None
-    assert worker_group_shortfall({"CPU": 1.0, "GPU": 1.0}, 8, {"CPU": 64.0, "GPU": 8.0}) is None
-    assert worker_group_shortfall({"CPU": 1.0, "GPU": 1.0}, 8, {"CPU": 16.0, "GPU": 4.0}) == \
-        "8 GPU (8 workers x 1) where the cluster has 4"
-    assert worker_group_shortfall({"CPU": 1.5}, 2, {}) == "3 CPU (2 workers x 1.5) where the cluster has 0"
-
-
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
-def test_a_gpu_run_on_a_machine_without_gpus_fails_at_once(tmp_path):
+@pytest.mark.parametrize("pipeline", ["train", "train_tokenizer"])
+def test_a_gpu_run_on_a_machine_without_gpus_fails_at_once(pipeline, tmp_path):
     """Asking a private local Ray instance for GPU workers it does not have used to leave Ray Train
     retrying the worker group every minute, forever; now the run stops before fit() with the reason."""
-    write_token_shards(tmp_path / "shards")
-    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_tiny.yaml"),
-           "--shards", str(tmp_path / "shards"), "--output", str(tmp_path / "out"),
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--set", "train.max_steps=2", "train.global_batch=8", f"run.storage_path={tmp_path / 'ray'}",
-           "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, num_classes: 4}",
-           "scaling.use_gpu=true", "scaling.num_workers=1"]
+    if pipeline == "train":
+        write_token_shards(tmp_path / "shards")
+        args = ["--config", str(CONFIGS / "train_maskgil_tiny.yaml"), "--shards", str(tmp_path / "shards"),
+                "--output", str(tmp_path / "out"), "--set", "train.max_steps=2", "train.global_batch=8",
+                f"run.storage_path={tmp_path / 'ray'}", "scaling.use_gpu=true", "scaling.num_workers=1",
+                "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, num_classes: 4}"]
+        need, fix = "1 GPU (1 workers x 1)", "set scaling.use_gpu=false"
+    else:
+        args = ["--out", str(tmp_path / "out"), "--steps", "2", "--n-images", "32", "--use-gpu",
+                "--storage-path", str(tmp_path / "ray")]
+        need, fix = "2 GPU (2 workers x 1)", "drop --use-gpu"
+    cmd = [sys.executable, str(ROOT / f"pipelines/{pipeline}.py"), *args,
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     r = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode != 0
-    assert "this run needs 1 GPU (1 workers x 1) where the cluster has 0" in r.stderr, r.stderr[-3000:]
-    assert "set scaling.use_gpu=false" in r.stderr and not (tmp_path / "out").exists()
+    assert f"this run needs {need} where the cluster has 0" in r.stderr, r.stderr[-3000:]
+    assert fix in r.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.cluster

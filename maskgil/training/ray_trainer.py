@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from maskgil.cluster import init_ray
+from maskgil.cluster import check_worker_group_fits, init_ray
 from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, token_dataset
 from maskgil.models import build_model
 from maskgil.precision import resolve_precision
@@ -272,24 +272,6 @@ def ingest_config(preserve_order: bool):
     return DataConfig(execution_options=opts)
 
 
-def worker_group_shortfall(per_worker: dict[str, float], num_workers: int, cluster: dict[str, float]) -> str | None:
-    """What the worker group needs beyond the cluster's total resources, in words; None if it fits.
-    Ray Train would otherwise wait for such workers indefinitely, retrying every minute."""
-    short = [f"{need:g} {k} ({num_workers} workers x {v:g}) where the cluster has {cluster.get(k, 0.0):g}"
-             for k, v in per_worker.items() if (need := v * num_workers) > cluster.get(k, 0.0) + 1e-9]
-    return "; ".join(short) or None
-
-
-def _ray_started_here() -> bool:
-    """Whether this process started its Ray instance (no autoscaler can then add nodes)."""
-    try:
-        from ray._private.worker import global_worker
-
-        return bool(global_worker.node.head)
-    except Exception:  # private API: when in doubt, assume a cluster that may grow
-        return False
-
-
 def run_training(cfg: dict, verbose: int = 1) -> dict:
     """Run one training job described by a run config (see maskgil/training/runconfig.py).
 
@@ -331,14 +313,9 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     resources = {"CPU": float(scaling["cpus_per_worker"])}
     if use_gpu:
         resources["GPU"] = float(scaling["gpus_per_worker"])
-    short = worker_group_shortfall(resources, int(scaling["num_workers"]), ray.cluster_resources())
-    if short:
-        hint = ("set scaling.use_gpu=false to train on CPUs, or " if "GPU" in short else "") + \
-            "lower scaling.num_workers / cpus_per_worker / gpus_per_worker"
-        if _ray_started_here():
-            raise ValueError(f"this run needs {short}, and the local Ray instance it started cannot grow: {hint}")
-        print(f"warning: this run needs {short}; it waits until the cluster grows (an autoscaler adding "
-              f"nodes), or {hint}", flush=True)
+    check_worker_group_fits(resources, int(scaling["num_workers"]),
+                            "set scaling.use_gpu=false to train on CPUs",
+                            "scaling.num_workers / cpus_per_worker / gpus_per_worker")
 
     # One MLflow run per (storage, name): a rerun or a restarted job keeps logging into it.
     mlflow.set_tracking_uri(tracking_uri)
