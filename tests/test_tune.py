@@ -142,6 +142,19 @@ groups: [{{cfg_scale: [1.0, 3.0]}}]
 """)
     sweep = load_sweep(sweep_file)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A trial that cannot fit this 2-CPU, GPU-less instance is refused before any work (Tune would wait).
+    with pytest.raises(ValueError, match=r"needs 1 GPU .* set gpus_per_trial: 0"):
+        run_sampling_sweep({**sweep, "gpus_per_trial": 1}, tmp_path / "refused", tracking_uri=uri, progress=False)
+    assert not (tmp_path / "refused").exists()
+    # A design trial holds its slot and its Ray Train workers: 0.25 + 4 x 0.5 CPU does not fit 2 CPUs.
+    from maskgil.evaluation.design import run_design_sweep
+
+    design = load_sweep(REPO / "ray_configs" / "sweep_design_tiny.yaml")
+    design["train_config"] = str(REPO / design["train_config"])
+    with pytest.raises(ValueError, match=r"needs 2.25 CPU .* lower cpus_per_trial / gpus_per_trial / scaling"):
+        run_design_sweep({**design, "scaling": {**design["scaling"], "num_workers": 4}}, tmp_path / "refused",
+                         tracking_uri=uri, progress=False)
+    assert not (tmp_path / "refused").exists()
     mlflow.MlflowClient(uri).create_experiment("sweep-two-trials", artifact_location=str(tmp_path / "artifacts"))
     summary = run_sampling_sweep(sweep, tmp_path / "out", tracking_uri=uri, progress=False)
     assert summary["trials"] == 2 and not summary["errors"]

@@ -18,9 +18,10 @@ import json
 import os
 from pathlib import Path
 
+from maskgil.cluster import check_worker_group_fits
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec
 from maskgil.evaluation.sweep import expand_groups
-from maskgil.training.runconfig import absolute_tracking_uri
+from maskgil.training.runconfig import absolute_tracking_uri, load_run_config
 
 DESIGN_KEYS = ("tokenizer", "preset", "model")
 DESIGN_COLUMNS = ("trial", "tokenizer", "preset", "model", "rungs_done", "step", "fid", "precision", "recall",
@@ -58,8 +59,6 @@ def trial_run_config(train_config: str, trial: dict, steps: int, shards: str, co
                      storage: str, output: str, tracking_uri: str, experiment: str, tokenizer_dir: str,
                      train_overrides: dict | None = None, scaling: dict | None = None) -> dict:
     """The training run config of one rung of one trial (validated by the training code)."""
-    from maskgil.training.runconfig import load_run_config
-
     train = {"lr_schedule": "constant", **(train_overrides or {}), "preset": trial["preset"], "max_steps": steps,
              "model_overrides": {**trial["model"], "vocab_size": codebook_size}}
     overrides = {"train": train, "data": {"shards": shards},
@@ -151,6 +150,14 @@ def run_design_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: str 
     from maskgil.tokenizers import load_tokenizer
 
     sweep = load_design(sweep)
+    # One trial holds its own slot and its Ray Train worker group: both must fit the cluster.
+    scaling = load_run_config(sweep["train_config"], {"scaling": sweep.get("scaling") or {}})["scaling"]
+    workers = int(scaling["num_workers"])
+    need = {"CPU": float(sweep.get("cpus_per_trial", 0.25)) + workers * float(scaling["cpus_per_worker"]),
+            "GPU": float(sweep.get("gpus_per_trial", 0)) + (workers * float(scaling["gpus_per_worker"])
+                                                           if scaling["use_gpu"] else 0.0)}
+    check_worker_group_fits(need, 1, "set gpus_per_trial: 0 and scaling: {use_gpu: false} to run on CPUs",
+                            "cpus_per_trial / gpus_per_trial / scaling")
     out_dir = Path(out_dir).resolve()
     storage = Path(storage_path or out_dir / "ray").resolve()
     tokenizers = {k: str(Path(v).resolve()) for k, v in sweep["tokenizers"].items()}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from maskgil.cluster import check_worker_group_fits
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec
 from maskgil.training.runconfig import absolute_tracking_uri
 
@@ -124,6 +125,8 @@ def run_sampling_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: st
     paths = ModelPaths(**models)
     for s in samplers:
         paths.check(s)
+    check_worker_group_fits({"CPU": float(sweep["cpus_per_trial"]), "GPU": float(sweep.get("gpus_per_trial", 0))}, 1,
+                            "set gpus_per_trial: 0 to run the trials on CPUs", "cpus_per_trial / gpus_per_trial")
     probe = EvalConfig(paths=paths, spec=first, num_images=int(sweep["num_images"]), reference=sweep["reference"],
                        reference_limit=sweep.get("reference_limit"), inception_weights=sweep.get("inception_weights"),
                        classifier=sweep.get("classifier", "auto"), cache_dir=cache_dir, prompts=sweep.get("prompts"))
