@@ -37,9 +37,9 @@ def worker_group_shortfall(per_worker: dict[str, float], num_workers: int, clust
 
 def check_worker_group_fits(per_worker: dict[str, float], num_workers: int, cpu_hint: str, size_settings: str) -> None:
     """Before a Ray Train fit() or a Tune run: a worker group (or trial) larger than the cluster would
-    leave Ray Train retrying its start every minute, or Tune waiting, forever. Where this process started Ray, nothing can add nodes, so that
-    is an error; on a cluster an autoscaler may grow, a warning. `cpu_hint` says how to train on CPUs
-    instead, `size_settings` which settings size the group."""
+    leave Ray Train retrying its start every minute, or Tune waiting, forever. Where this process
+    started Ray, nothing can add nodes, so that is an error; on a cluster an autoscaler may grow, a
+    warning. `cpu_hint` says how to train on CPUs instead, `size_settings` which settings size the group."""
     import ray
 
     short = worker_group_shortfall(per_worker, num_workers, ray.cluster_resources())

@@ -121,8 +121,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads in this process")
     args = p.parse_args(argv)
     try:  # a bad run file or --set stops here, not minutes later when the generator stage reads it
+        overrides = parse_overrides(args.set)
         for config in (args.maskgil_config, args.llamagen_config):
-            load_run_config(config, parse_overrides(args.set))
+            load_run_config(config, overrides)
     except CONFIG_ERRORS as e:
         p.error(str(e))
     return args

@@ -21,7 +21,7 @@ from pathlib import Path
 from maskgil.cluster import check_worker_group_fits
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec
 from maskgil.evaluation.sweep import expand_groups
-from maskgil.training.runconfig import absolute_tracking_uri, load_run_config
+from maskgil.training.runconfig import absolute_tracking_uri, load_run_config, worker_resources
 
 DESIGN_KEYS = ("tokenizer", "preset", "model")
 DESIGN_COLUMNS = ("trial", "tokenizer", "preset", "model", "rungs_done", "step", "fid", "precision", "recall",
@@ -152,10 +152,9 @@ def run_design_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: str 
     sweep = load_design(sweep)
     # One trial holds its own slot and its Ray Train worker group: both must fit the cluster.
     scaling = load_run_config(sweep["train_config"], {"scaling": sweep.get("scaling") or {}})["scaling"]
-    workers = int(scaling["num_workers"])
-    need = {"CPU": float(sweep.get("cpus_per_trial", 0.25)) + workers * float(scaling["cpus_per_worker"]),
-            "GPU": float(sweep.get("gpus_per_trial", 0)) + (workers * float(scaling["gpus_per_worker"])
-                                                           if scaling["use_gpu"] else 0.0)}
+    group = {k: v * int(scaling["num_workers"]) for k, v in worker_resources(scaling).items()}
+    need = {"CPU": float(sweep.get("cpus_per_trial", 0.25)) + group["CPU"],
+            "GPU": float(sweep.get("gpus_per_trial", 0)) + group.get("GPU", 0.0)}
     check_worker_group_fits(need, 1, "set gpus_per_trial: 0 and scaling: {use_gpu: false} to run on CPUs",
                             "cpus_per_trial / gpus_per_trial / scaling")
     out_dir = Path(out_dir).resolve()

@@ -26,7 +26,7 @@ from maskgil.precision import resolve_precision
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
                                    fit, load_checkpoint, save_checkpoint)
-from maskgil.training.runconfig import absolute_tracking_uri, flatten, shard_dirs
+from maskgil.training.runconfig import absolute_tracking_uri, flatten, shard_dirs, worker_resources
 
 # Test-only fault injection: the worker of rank MASKGIL_FAULT_RANK exits hard after step
 # MASKGIL_FAULT_STEP, once (the marker file records that it happened).
@@ -310,9 +310,7 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
     if not ray.is_initialized():
         init_ray(env={k: os.environ[k] for k in FAULT_ENV if k in os.environ}, log_to_driver=verbose > 0)
     use_gpu = bool(scaling["use_gpu"])
-    resources = {"CPU": float(scaling["cpus_per_worker"])}
-    if use_gpu:
-        resources["GPU"] = float(scaling["gpus_per_worker"])
+    resources = worker_resources(scaling)
     check_worker_group_fits(resources, int(scaling["num_workers"]),
                             "set scaling.use_gpu=false to train on CPUs",
                             "scaling.num_workers / cpus_per_worker / gpus_per_worker")

@@ -88,6 +88,14 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
     return cfg
 
 
+def worker_resources(scaling: dict) -> dict[str, float]:
+    """Ray resources of one training worker from a run config's `scaling` section."""
+    resources = {"CPU": float(scaling["cpus_per_worker"])}
+    if scaling["use_gpu"]:
+        resources["GPU"] = float(scaling["gpus_per_worker"])
+    return resources
+
+
 def shard_dirs(cfg: dict, default_grid: tuple[int, int]) -> dict[tuple[int, int], str]:
     """{grid: shard dir}. One dir serves the default grid; weak-to-strong runs map each grid to its
     own shards, e.g. {"16x16": tokens_256px, "32x32": tokens_512px} (same tokenizer, two image sizes)."""
