@@ -69,12 +69,11 @@ def psnr(a, b, data_range: float, low: float | None = None) -> torch.Tensor:
     return 10.0 * torch.log10(data_range**2 / mse)
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
-    """Normalised 2D Gaussian (size, size), float64: the window of Wang et al. (2004)."""
+def gaussian_taps(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Normalised 1D Gaussian (size,), float64; its outer product is the 2D window of Wang et al. (2004)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
+    return g / g.sum()
 
 
 def ssim(a, b, data_range: float, low: float | None = None, window_size: int = SSIM_WINDOW,
@@ -88,10 +87,12 @@ def ssim(a, b, data_range: float, low: float | None = None, window_size: int = S
     n, c, h, w = a.shape
     if h < window_size or w < window_size:
         raise ValueError(f"images of {h}x{w} are smaller than the {window_size}x{window_size} SSIM window")
-    win = gaussian_window(window_size, sigma).to(a.device).expand(c, 1, window_size, window_size)
+    g = gaussian_taps(window_size, sigma).to(a.device)
 
-    def blur(x):  # depthwise Gaussian filter, valid positions: (N, C, H-10, W-10)
-        return F.conv2d(x, win, groups=c)
+    def blur(x):  # (N, C, H, W) -> (N, C, H-10, W-10): the 2D Gaussian at valid positions, as rows then columns
+        y = F.conv2d(x.reshape(n * c, 1, *x.shape[-2:]), g.view(1, 1, 1, -1))  # (separable: 2x11 taps, not 121)
+        y = F.conv2d(y, g.view(1, 1, -1, 1))
+        return y.reshape(n, c, *y.shape[-2:])
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2
