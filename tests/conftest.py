@@ -8,6 +8,12 @@ import torch
 # oversubscription (spinning OpenMP threads made small forwards 50x slower when cores were busy).
 torch.set_num_threads(1)
 
+# Ray Train's controller polls its workers every 2 s, and a worker's `ray.train.report` waits until
+# the controller has collected the previous report: a toy run that checkpoints every other step spent
+# ~8 of its ~45 s waiting on polls (the end of the run included). The heads and pipelines the tests
+# start inherit this; real runs keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():

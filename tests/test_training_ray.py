@@ -1,6 +1,7 @@
 """Ray Train pipeline: run configs and the KubeRay manifest parse and hold the paper's settings;
 on a local Ray head, a worker killed mid-run is restarted by FailureConfig and training continues
-from the last checkpoint with no lost or repeated steps; rerunning the same command resumes.
+from the last checkpoint to the uninterrupted run's weights, bit for bit; rerunning the same
+command resumes.
 
 The head runs as `ray start --head --block` in a child process with its own temp dir and ports
 (6710 / 8710 / 107xx) and is stopped by terminating that child, never with `ray stop`.
@@ -185,80 +186,67 @@ def metric_history(db: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_worker_killed_mid_run_resumes_from_checkpoint(head, tmp_path):
+def test_worker_killed_mid_run_resumes_to_the_uninterrupted_model_bit_for_bit(head, tmp_path):
+    """One command run twice (own run names) on shards spread over many files, 2 workers with a
+    shuffle buffer: once straight through, once with rank 1 killed after step 5. FailureConfig
+    restarts the group, training resumes from the last checkpoint, and the weights come out identical
+    to the uninterrupted run's: no step lost or repeated, and the same rows in the same order. That
+    needs data.preserve_order (the default): the Parquet reads may finish in any order but the rows
+    reach the workers in file order (without it the quickstart's MaskGIL differed by 0.009 after 20
+    steps, docs/quickstart_runs.md). Rerunning the finished command resumes and retrains nothing."""
+    from safetensors.torch import load_file
+
     shards = tmp_path / "shards"
-    write_token_shards(shards)
+    write_token_shards(shards, n=256, files=16)
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_tiny.yaml"),
-           "--shards", str(shards), "--output", str(tmp_path / "final"), "--name", "killtest",
-           "--tracking-uri", f"sqlite:///{db}",
-           "--set", "train.max_steps=8", "train.global_batch=8", "train.checkpoint_every=2", "train.log_every=1",
-           "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, "
-           "num_classes: 4}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.max_failures=1",
-           f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=0"]
+
+    def cmd(name):
+        return [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_tiny.yaml"),
+                "--shards", str(shards), "--output", str(tmp_path / f"final_{name}"), "--name", name,
+                "--tracking-uri", f"sqlite:///{db}",
+                "--set", "train.max_steps=8", "train.global_batch=16", "train.checkpoint_every=2", "train.log_every=1",
+                "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, "
+                "num_classes: 4}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.max_failures=1",
+                f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=64"]
+
+    def run(name, **env):
+        r = subprocess.run(cmd(name), env=dict(repo_env(), RAY_ADDRESS=head, **env), capture_output=True, text=True,
+                           timeout=420, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        return json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
+
+    steady = run("steady")
     marker = tmp_path / "killed"
-    env = dict(repo_env(), RAY_ADDRESS=head, MASKGIL_FAULT_STEP="5", MASKGIL_FAULT_RANK="1", MASKGIL_FAULT_MARKER=str(marker))
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    fault = dict(MASKGIL_FAULT_STEP="5", MASKGIL_FAULT_RANK="1", MASKGIL_FAULT_MARKER=str(marker))
+    out = run("killtest", **fault)
     assert marker.read_text().startswith("killed rank 1 after step 5")
-    out = json.loads(r.stdout[r.stdout.index("{"):r.stdout.index("}") + 1])
-    assert out["step"] == 8
+    assert out["step"] == steady["step"] == 8
     run_id = out["run_id"]
     # the final checkpoint names its training run, so evaluations can link to it
     from maskgil.checkpoint import read_config
     assert read_config(out["checkpoint"])["extra"]["mlflow_run_id"] == run_id
     # Steps 1-5 ran, then the kill. The restarted workers load the last checkpoint Ray had registered
     # (step 4, or step 2 when the controller had not yet collected step 4's report when the worker
-    # died) and run exactly the steps after it: nothing skipped, nothing beyond the checkpoint twice.
+    # died) and run exactly the steps after it.
     resumed = metric_history(db, run_id, "resumed_from_step")
     assert len(resumed) == 1 and resumed[0][0] in (2, 4)
     r = resumed[0][0]
     assert [s for s, _ in metric_history(db, run_id, "loss")] == [1, 2, 3, 4, 5] + list(range(r + 1, 9))
-    # Ray kept the last 2 checkpoints; the final plain checkpoint is step 8's weights.
+    # Ray kept the last 2 checkpoints; the final plain checkpoint is step 8's weights ...
     kept = sorted(p.name for p in (tmp_path / "ray" / "killtest").glob("step_*"))
     assert kept == ["step_00000006", "step_00000008"]
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "final" / "model.safetensors"))
+    a = load_file(str(tmp_path / "final_killtest" / "model.safetensors"))
     b = load_file(str(tmp_path / "ray" / "killtest" / "step_00000008" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and the uninterrupted run's, bit for bit.
+    c = load_file(str(tmp_path / "final_steady" / "model.safetensors"))
+    assert a.keys() == c.keys()
+    assert all(torch.equal(a[k], c[k]) for k in a), max(float((a[k] - c[k]).abs().max()) for k in a)
 
     # Rerunning the same command resumes: nothing is retrained, the run and the step count stay.
-    r2 = subprocess.run(cmd, env=dict(env, MASKGIL_FAULT_STEP=""), capture_output=True, text=True, timeout=300,
-                        cwd=tmp_path)
-    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-5000:]
-    out2 = json.loads(r2.stdout[r2.stdout.index("{"):r2.stdout.index("}") + 1])
-    assert out2["run_id"] == run_id and out2["step"] == 8
+    again = run("killtest", **dict(fault, MASKGIL_FAULT_STEP=""))
+    assert again["run_id"] == run_id and again["step"] == 8
     assert [s for s, _ in metric_history(db, run_id, "loss")] == [1, 2, 3, 4, 5] + list(range(r + 1, 9))
-
-
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_same_seed_trains_the_same_model_bit_for_bit(head, tmp_path):
-    """Two runs of one command (own run names) on shards spread over many files, 2 workers with a
-    shuffle buffer: with data.preserve_order (the default) the Parquet reads may finish in any order
-    but the rows reach the workers in the same order, so the weights are identical. Without it the
-    quickstart's MaskGIL differed by 0.009 after 20 steps (docs/quickstart_runs.md)."""
-    from safetensors.torch import load_file
-
-    shards = tmp_path / "shards"
-    write_token_shards(shards, n=256, files=16)
-    weights = []
-    for name in ("again1", "again2"):
-        cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_tiny.yaml"),
-               "--shards", str(shards), "--output", str(tmp_path / name), "--name", name,
-               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-               "--set", "train.max_steps=6", "train.global_batch=16", "train.checkpoint_every=6",
-               "train.log_every=1", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, "
-               "num_classes: 4}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-               f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=64"]
-        r = subprocess.run(cmd, env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
-                           cwd=tmp_path)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
-    a, b = weights
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.cluster
