@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from maskgil.checkpoint import load_pretrained, register_model, save_pretrained
 from maskgil.data.embedded import CLASS_NAMES, COLOUR_NAMES, NUM_CLASSES, SHAPES, EmbeddedSpec, make_dataset
 from maskgil.metrics.images import to_minus_one_one
+from maskgil.precision import CONV_MEMORY_FORMAT
 
 
 @dataclasses.dataclass
@@ -136,7 +137,7 @@ def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int
     x = to_minus_one_one(train_x)  # (n_train, 3, S, S)
     y = torch.from_numpy(train_y)
 
-    model = EmbeddedClassifier(ClassifierConfig(image_size=image_size))
+    model = EmbeddedClassifier(ClassifierConfig(image_size=image_size)).to(memory_format=CONV_MEMORY_FORMAT)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     start = time.time()
@@ -163,7 +164,8 @@ def train_embedded_classifier(out_dir: str | os.PathLike | None, image_size: int
 
 
 def load_embedded_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddedClassifier:
-    return load_pretrained(path, map_location=device, expected_type=EmbeddedClassifier)
+    model = load_pretrained(path, map_location=device, expected_type=EmbeddedClassifier)
+    return model.to(memory_format=CONV_MEMORY_FORMAT)
 
 
 def main() -> None:

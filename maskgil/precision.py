@@ -1,4 +1,5 @@
-"""Which float precision to train in: bf16 autocast where the hardware multiplies bf16 natively.
+"""Which float precision to train in: bf16 autocast where the hardware multiplies bf16 natively;
+and which memory layout the convolution nets (tokenizers, discriminator, judge) keep.
 
 On CPUs with AMX or AVX512-BF16, oneDNN runs bf16 matmuls and convolutions several times faster
 than fp32 (this project's 2-core CI machine: a 2048^3 matmul at 2.6 TFLOP/s in bf16 against 0.38 in
@@ -11,6 +12,12 @@ import functools
 import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
+
+# Every conv net the library makes (built, loaded, converted, trained) keeps its weights
+# channels-last: oneDNN's NHWC convolutions run 1.2-1.9x faster on a CPU than the default layout
+# (benchmarks/bench_tokenizers.py), and one layout everywhere keeps a model's outputs bit-identical
+# however it was obtained (the two layouts round differently, ~1e-7).
+CONV_MEMORY_FORMAT = torch.channels_last
 
 
 def native_bf16(device: str | torch.device) -> bool:

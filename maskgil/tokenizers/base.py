@@ -14,12 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from maskgil.checkpoint import load_pretrained, save_pretrained
-
-# Every tokenizer the library makes (built, loaded, converted, trained) keeps its conv weights
-# channels-last: oneDNN's NHWC convolutions decode the tiny tokenizer's batches 2x faster on a CPU
-# than the default layout, and one layout everywhere keeps a tokenizer's outputs bit-identical
-# however it was obtained (the two layouts round differently, ~1e-7).
-TOKENIZER_MEMORY_FORMAT = torch.channels_last
+from maskgil.precision import CONV_MEMORY_FORMAT
 
 def to_model_input(images: Any) -> torch.Tensor:
     """uint8 (B,H,W,3)/(B,3,H,W) or float (B,3,H,W) in [-1,1] -> float32 (B,3,H,W) in [-1,1].
@@ -137,4 +132,4 @@ class ImageTokenizer(nn.Module):
 def load_tokenizer(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageTokenizer:
     """Load a tokenizer checkpoint directory (config.json + model.safetensors), strictly by key and shape."""
     tok = load_pretrained(path, map_location=map_location, expected_type=ImageTokenizer)
-    return tok.to(memory_format=TOKENIZER_MEMORY_FORMAT)
+    return tok.to(memory_format=CONV_MEMORY_FORMAT)

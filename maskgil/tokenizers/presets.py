@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import Any
 
 from maskgil.checkpoint import checked_fields
-from maskgil.tokenizers.base import TOKENIZER_MEMORY_FORMAT, ImageTokenizer
+from maskgil.precision import CONV_MEMORY_FORMAT
+from maskgil.tokenizers.base import ImageTokenizer
 from maskgil.tokenizers.lfq import LFQConfig, LFQTokenizer
 from maskgil.tokenizers.vq import VQConfig, VQTokenizer
 
@@ -52,4 +53,4 @@ def tokenizer_config(name: str, **overrides: Any) -> VQConfig | LFQConfig:
 def build_tokenizer(name: str, **overrides: Any) -> ImageTokenizer:
     """A freshly initialised tokenizer from a preset; keyword overrides replace config fields."""
     config = tokenizer_config(name, **overrides)  # raises on an unknown preset
-    return TOKENIZER_PRESETS[name][0](config).to(memory_format=TOKENIZER_MEMORY_FORMAT)
+    return TOKENIZER_PRESETS[name][0](config).to(memory_format=CONV_MEMORY_FORMAT)

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maskgil.checkpoint import check_state_dict, register_model
-from maskgil.tokenizers.base import TOKENIZER_MEMORY_FORMAT, ImageTokenizer
+from maskgil.precision import CONV_MEMORY_FORMAT
+from maskgil.tokenizers.base import ImageTokenizer
 from maskgil.tokenizers.layers import Decoder, Encoder
 
 
@@ -187,4 +188,4 @@ def vq_from_state_dict(state: dict, config: VQConfig) -> VQTokenizer:
         model = VQTokenizer(config)
     check_state_dict(model, state)
     model.load_state_dict(state, assign=True)
-    return model.eval().to(memory_format=TOKENIZER_MEMORY_FORMAT)
+    return model.eval().to(memory_format=CONV_MEMORY_FORMAT)
