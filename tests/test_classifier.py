@@ -51,6 +51,9 @@ def test_checkpoint_roundtrip_and_input_forms(trained, val_set):
     out, model, val_acc = trained
     loaded = load_embedded_classifier(out)
     assert isinstance(loaded, EmbeddedClassifier)
+    for m in (model, loaded):  # one layout, trained or loaded: the same calls, and the fast one on CPUs
+        convs = [p for p in m.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     images, _ = val_set
     pred = classify(model, images[:32])  # NHWC uint8
     np.testing.assert_array_equal(classify(loaded, images[:32]), pred)

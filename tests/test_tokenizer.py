@@ -161,6 +161,31 @@ def test_save_load_round_trip_identical_codes(tmp_path):
         assert torch.equal(loaded.decode(tok.encode(imgs)), tok.decode(tok.encode(imgs)))
 
 
+def test_every_way_to_get_a_tokenizer_gives_one_layout_and_the_same_pixels(tmp_path):
+    """Built, loaded, converted from a state dict, or trained: the conv weights are channels-last
+    (the fast layout on CPUs), so the same weights decode to the same pixels bit for bit whichever
+    path made the model (a default-layout copy rounds differently on CPUs, ~1e-7); images come
+    back in the default layout."""
+    from maskgil.tokenizers.training import TokenizerTrainer, default_train_config
+
+    tok = build_tokenizer("llamagen-vq-tiny")
+    tok.save_pretrained(tmp_path / "tok")
+    trainer = TokenizerTrainer(default_train_config("llamagen-vq-tiny", perceptual="none", disc_weight=0.0,
+                                                    ema_decay=0.0), tokenizer=load_tokenizer(tmp_path / "tok"))
+    made = {"built": tok, "loaded": load_tokenizer(tmp_path / "tok"),
+            "converted": vq_from_state_dict({k: v.contiguous() for k, v in tok.state_dict().items()}, tok.config),
+            "trained": trainer.final_model()}  # (a state dict from torch.load is in the default layout)
+    codes = torch.randint(0, tok.codebook_size, (2, 4, 4), generator=torch.Generator().manual_seed(0))
+    pixels = tok.decode(codes)
+    assert pixels.is_contiguous()
+    for how, model in made.items():
+        convs = [p for p in model.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), how
+        assert torch.equal(model.decode(codes), pixels), how
+    default_layout = load_tokenizer(tmp_path / "tok").to(memory_format=torch.contiguous_format)
+    assert torch.allclose(default_layout.decode(codes), pixels, atol=1e-5)  # (equal only to rounding)
+
+
 def test_loading_a_non_tokenizer_dir_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_tokenizer(tmp_path)
