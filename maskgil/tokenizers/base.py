@@ -16,6 +16,7 @@ import torch.nn as nn
 from maskgil.checkpoint import load_pretrained, save_pretrained
 from maskgil.precision import CONV_MEMORY_FORMAT
 
+
 def to_model_input(images: Any) -> torch.Tensor:
     """uint8 (B,H,W,3)/(B,3,H,W) or float (B,3,H,W) in [-1,1] -> float32 (B,3,H,W) in [-1,1].
 
