@@ -4,6 +4,9 @@ import math
 import pytest
 import torch
 
+import maskgil.sampling.ar as ar_sampler
+import maskgil.sampling.maskgit as maskgit_sampler
+from maskgil.evaluation.generation import SamplerSpec
 from maskgil.models import build_model
 from maskgil.models.llama import LlamaConfig, LlamaGenerator
 from maskgil.sampling import (cfg_combine, filter_logits, guided_logits, masked_after_steps, reveal_counts,
@@ -240,3 +243,219 @@ def test_bidirectional_transformer_baseline_samples():
     assert out.shape == (2, 64) and (out < 512).all()
     with pytest.raises(ValueError, match="causal"):
         sample_ar(t, torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------- MaskGIT confidence
+
+def record_draws(monkeypatch):
+    """The codes MaskGIT samples at each step, at every position (the trace keeps only the revealed)."""
+    draws = []
+    orig = maskgit_sampler.sample_tokens
+
+    def recording(*args, **kw):
+        sampled, logp = orig(*args, **kw)
+        draws.append(sampled)
+        return sampled, logp
+
+    monkeypatch.setattr(maskgit_sampler, "sample_tokens", recording)
+    return draws
+
+
+def steps_by_hand(m, cond, cfg_scale, trace, draws):
+    """Per step: the tokens before it, which were unknown, and log p of each drawn code under the
+    guided logits l_u + s (l_c - l_u) computed here from two plain forwards (no temperature, no top-k)."""
+    before = torch.full((len(cond), 64), m.mask_token_id)
+    for t, drawn in zip(trace, draws, strict=True):
+        l_c, l_u = m(before, cond), m(before, torch.full_like(cond, m.config.num_classes))
+        logits = l_u + cfg_scale * (l_c - l_u)
+        yield before, before == m.mask_token_id, logits, logits.log_softmax(-1).gather(-1, drawn[..., None])[..., 0]
+        before = t["tokens"]
+
+
+def assert_reveals_top(confidence, unknown, revealed, tol=1e-5):
+    """`revealed` are the most confident unknown positions of each row (up to float ties)."""
+    assert not (revealed & ~unknown).any()
+    for conf, unk, rev in zip(confidence, unknown, revealed):
+        kept, passed = conf[rev], conf[unk & ~rev]
+        if len(kept) and len(passed):
+            assert kept.min() >= passed.max() - tol, f"revealed {kept.min():.5f} < passed over {passed.max():.5f}"
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.5, 1), (0.7, 5)])
+def test_zero_choice_temperature_reveals_top_n_by_model_log_p(monkeypatch, temperature, top_k):
+    """Confidence is log p(drawn) under the guided logits before temperature and top-k (MaskGIT's
+    ranking): under top_k=1 every filtered log p is 0 and the ranking would ignore the model.
+    The draws themselves do follow temperature and top-k."""
+    m, cond, s = mar_model(), torch.tensor([3, 9]), 2.0
+    draws, trace = record_draws(monkeypatch), []
+    sample_maskgit(m, cond, steps=4, cfg_scale=s, temperature=temperature, top_k=top_k, choice_temperature=0.0,
+                   generator=gen(8), trace=trace)
+    for t, (before, unknown, logits, logp), drawn in zip(trace, steps_by_hand(m, cond, s, trace, draws), draws):
+        assert_reveals_top(logp, unknown, t["revealed"])
+        assert torch.equal(t["tokens"][t["revealed"]], drawn[t["revealed"]])
+        if top_k:
+            rank = (logits > logits.gather(-1, drawn[..., None])).sum(-1)  # likelier codes than the drawn one
+            assert (rank[unknown] < top_k).all()
+    assert [int(t["revealed"][0].sum()) for t in trace] == reveal_counts(64, 4)
+
+
+def test_choice_noise_is_annealed_and_scaled_by_choice_temperature(monkeypatch):
+    """Step i of T adds noise x choice_temperature x (1 - (i+1)/T) to log p. The noise source is
+    replaced by known draws about as large as the model's log-p spread, so a wrong factor reorders."""
+    m, cond, s, T, ct = mar_model(), torch.tensor([3, 9]), 2.0, 5, 3.0
+    noise = [torch.randn(2, 64, generator=gen(100 + i)) * 0.01 / ct for i in range(T)]
+    calls = []
+
+    def known_noise(shape, generator=None, device=None):
+        calls.append(tuple(shape))
+        return noise[len(calls) - 1].clone()
+
+    monkeypatch.setattr(maskgit_sampler, "gumbel_noise", known_noise)
+    draws, trace = record_draws(monkeypatch), []
+    sample_maskgit(m, cond, steps=T, cfg_scale=s, choice_temperature=ct, generator=gen(8), trace=trace)
+    assert calls == [(2, 64)] * T
+    for i, (t, (_, unknown, _, logp)) in enumerate(zip(trace, steps_by_hand(m, cond, s, trace, draws))):
+        assert_reveals_top(logp + noise[i] * ct * (1 - (i + 1) / T), unknown, t["revealed"], tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- schedules and CFG
+
+@pytest.mark.parametrize("schedule", ["linear", "arccos"])
+@pytest.mark.parametrize("steps", [8, 5])
+def test_non_cosine_schedules_reveal_their_own_counts(schedule, steps):
+    m, N = mar_model(), 64
+    gamma = {"linear": lambda r: 1 - r, "arccos": lambda r: math.acos(r) / (math.pi / 2)}[schedule]
+    trace = []
+    sample_maskgit(m, torch.tensor([0, 5]), steps=steps, schedule=schedule, cfg_scale=2.0, generator=gen(), trace=trace)
+    still = [math.floor(N * gamma((i + 1) / steps)) for i in range(steps - 1)] + [0]  # masked after step i
+    expected = [N - still[0]] + [still[i - 1] - still[i] for i in range(1, steps)]
+    cosine = reveal_counts(N, steps, "cosine")
+    assert expected != cosine
+    for b in range(2):
+        assert [int(t["revealed"][b].sum()) for t in trace] == expected
+
+
+def record_cfg_scales(monkeypatch):
+    """The guidance scale of every cfg_combine call, MAR forwards and AR steps alike, in call order."""
+    scales = []
+    for module in (maskgit_sampler, ar_sampler):
+        def recording(cond_logits, uncond_logits, scale, orig=module.cfg_combine):
+            scales.append(scale)
+            return orig(cond_logits, uncond_logits, scale)
+
+        monkeypatch.setattr(module, "cfg_combine", recording)
+    return scales
+
+
+@pytest.mark.parametrize("sampler", ["mar", "ar", "fusion"])
+def test_linear_cfg_schedule_ramps_from_one_to_the_scale(monkeypatch, sampler):
+    """Linear CFG: 1 + (s - 1) * progress, progress (i+1)/T for MAR steps and (position+1)/N for AR
+    tokens; fusion runs each stage on its own ramp, as served fusion does."""
+    m, a, c, s, k, T = mar_model(), ar_model(), torch.tensor([2, 13]), 3.0, 10, 4
+    run = {"mar": lambda **kw: sample_maskgit(m, c, steps=T, **kw),
+           "ar": lambda **kw: sample_ar(a, c, num_tokens=k, **kw),
+           "fusion": lambda **kw: sample_fusion(a, m, c, ar_tokens=k, mar_steps=T, **kw)}[sampler]
+    ar_ramp = [1 + (s - 1) * (p + 1) / 64 for p in range(k)]
+    mar_ramp = [1 + (s - 1) * (i + 1) / T for i in range(T)]  # 1.5, 2, 2.5, 3
+    hand = {"mar": mar_ramp, "ar": ar_ramp, "fusion": ar_ramp + mar_ramp}[sampler]
+    scales = record_cfg_scales(monkeypatch)
+    linear = run(cfg_scale=s, cfg_schedule="linear", generator=gen(4))
+    assert scales == pytest.approx(hand, rel=1e-12)
+    scales.clear()
+    constant = run(cfg_scale=s, generator=gen(4))
+    assert scales == [s] * len(hand)
+    assert not torch.equal(linear, constant)
+
+
+@pytest.mark.parametrize("cfg_schedule", ["constant", "linear"])
+def test_fusion_is_the_ar_prefix_then_maskgit_on_one_random_stream(cfg_schedule):
+    """The MAR stage is sample_maskgit from the AR prefix with the same guidance, its generator
+    continuing where the AR stage left it."""
+    m, a, c, k = mar_model(), ar_model(), torch.tensor([2, 13]), 20
+    out = sample_fusion(a, m, c, ar_tokens=k, mar_steps=4, cfg_scale=2.0, cfg_schedule=cfg_schedule,
+                        generator=gen(21))
+    g = gen(21)
+    init = torch.full((2, 64), m.mask_token_id)
+    init[:, :k] = sample_ar(a, c, cfg_scale=2.0, cfg_schedule=cfg_schedule, num_tokens=k, generator=g)
+    ref = sample_maskgit(m, c, steps=4, cfg_scale=2.0, cfg_schedule=cfg_schedule, init_tokens=init, generator=g)
+    assert torch.equal(out, ref)
+    unguided = sample_fusion(a, m, c, ar_tokens=k, mar_steps=4, cfg_scale=1.0, generator=gen(21))
+    assert not torch.equal(out[:, k:], unguided[:, k:])
+
+
+def test_fusion_without_one_of_the_models():
+    """k = N needs no MAR model (the grid comes from the AR model), k = 0 no AR model."""
+    m, a, c = mar_model(), ar_model(), torch.tensor([2, 13])
+    assert torch.equal(sample_fusion(a, None, c, ar_tokens=64, cfg_scale=2.0, generator=gen(3)),
+                       sample_ar(a, c, cfg_scale=2.0, generator=gen(3)))
+    assert torch.equal(sample_fusion(None, m, c, ar_tokens=0, mar_steps=3, generator=gen(3)),
+                       sample_maskgit(m, c, steps=3, generator=gen(3)))
+    with pytest.raises(ValueError, match="mar_model is None"):
+        sample_fusion(a, None, c, ar_tokens=32)
+    with pytest.raises(ValueError, match="needs an AR model"):
+        sample_fusion(None, m, c, ar_tokens=32)
+
+
+# ----------------------------------------------------------------------------- temperature, top-k, top-p
+
+def test_tiny_temperature_is_greedy_not_an_error():
+    """1 / 1e-40 overflows float32: the top logit must stay finite (argmax), for MaskGIT, AR, fusion."""
+    m, a, c = mar_model(), ar_model(), torch.tensor([0, 15, 6])
+    torch.testing.assert_close(sample_ar(a, c, cfg_scale=3.0, temperature=1e-40, num_tokens=20),
+                               greedy_by_recomputation(a, c, 20, 3.0))
+    tiny_mar = sample_maskgit(m, c, cfg_scale=2.0, temperature=1e-40, generator=gen(9))
+    assert torch.equal(tiny_mar, sample_maskgit(m, c, cfg_scale=2.0, top_k=1, generator=gen(9)))
+    tiny = sample_fusion(a, m, c, ar_tokens=20, cfg_scale=2.0, temperature=1e-40, generator=gen(9))
+    assert torch.equal(tiny, sample_fusion(a, m, c, ar_tokens=20, cfg_scale=2.0, top_k=1, generator=gen(9)))
+    l = torch.tensor([[2.0, 1.0, -3.0], [-5.0, -4.0, -9.0], [1e-41, 0.0, -1.0]])
+    hand = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, 0.0, -math.inf], [1e-41 / 1e-40, 0.0, -math.inf]])
+    torch.testing.assert_close(filter_logits(l, temperature=1e-40), hand)
+    for t in (1e-300, 5e-324):  # round to 0 in float32: x / 0 would give nan for the top logit
+        assert torch.equal(filter_logits(l[:2], temperature=t), hand[:2])
+        assert torch.equal(sample_maskgit(m, c, cfg_scale=2.0, temperature=t, generator=gen(9)), tiny_mar)
+
+
+def test_temperature_and_top_p_change_the_draws():
+    """Same seed: a lower temperature or a nucleus draws other codes; a tiny nucleus is greedy."""
+    m, a, c = mar_model(), ar_model(), torch.tensor([0, 15, 6])
+    base = sample_ar(a, c, cfg_scale=2.0, num_tokens=20, generator=gen(5))
+    assert not torch.equal(base, sample_ar(a, c, cfg_scale=2.0, num_tokens=20, temperature=0.5, generator=gen(5)))
+    assert not torch.equal(base, sample_ar(a, c, cfg_scale=2.0, num_tokens=20, top_p=0.5, generator=gen(5)))
+    torch.testing.assert_close(sample_ar(a, c, cfg_scale=2.0, num_tokens=20, top_p=1e-6, generator=gen(5)),
+                               greedy_by_recomputation(a, c, 20, 2.0))
+    base = sample_maskgit(m, c, cfg_scale=2.0, generator=gen(5))
+    assert not torch.equal(base, sample_maskgit(m, c, cfg_scale=2.0, temperature=0.5, generator=gen(5)))
+
+
+def test_filter_logits_is_bit_exact_for_ordinary_temperatures():
+    l = torch.randn(4, 512, generator=gen(2)) * 5
+    for t in (0.3, 0.9, 1.0, 1.7):
+        assert torch.equal(filter_logits(l, temperature=t), l / t)
+
+
+def test_out_of_range_sampling_knobs_are_refused_not_ignored(capsys):
+    """top_k None/0 = off, >= 1 keeps k (more than the vocabulary keeps all); top_p None = off,
+    (0, 1]; temperature finite > 0. Anything else raised nothing and sampled unfiltered before."""
+    l = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for kw in (dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0), dict(top_p=-0.1), dict(top_p=1.5),
+               dict(top_p=math.nan), dict(temperature=0.0), dict(temperature=-1.0), dict(temperature=math.inf),
+               dict(temperature=math.nan)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=name):
+            filter_logits(l, **kw)
+        with pytest.raises(ValueError, match=name):
+            SamplerSpec(**kw)
+    for kw in (dict(top_k=0), dict(top_k=4), dict(top_k=10), dict(top_p=1.0), dict(top_k=None, top_p=None)):
+        assert torch.equal(filter_logits(l, **kw), l)
+        SamplerSpec(**kw)
+    assert torch.isinf(filter_logits(l, temperature=10.0, top_k=1)).tolist() == [[False, True, True, True]]
+    with pytest.raises(ValueError, match="schedule"):
+        SamplerSpec(schedule="cosinus")
+    with pytest.raises(ValueError, match="cfg schedule"):
+        SamplerSpec(cfg_schedule="ramp")
+
+    from pipelines.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:  # a usage error before any checkpoint or Ray
+        main(["--tokenizer", "nowhere", "--reference", "nowhere", "--engine", "local", "--top-p", "0"])
+    assert exit_info.value.code == 2 and "top_p must be" in capsys.readouterr().err

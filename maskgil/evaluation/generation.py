@@ -58,8 +58,13 @@ class SamplerSpec:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed_chunk < 1:
             raise ValueError(f"seed_chunk must be >= 1, got {self.seed_chunk}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        from maskgil.sampling.logits import cfg_scale_at, check_sampling_args
+        from maskgil.sampling.schedules import mask_fraction
+
+        # Bad sampling knobs stop here (a CLI error, a failed Tune trial), not after the models load.
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        mask_fraction(0.0, self.schedule)  # raises on an unknown schedule
+        cfg_scale_at(self.cfg_scale, 1.0, self.cfg_schedule)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplerSpec":
@@ -194,9 +199,9 @@ def sample_codes(spec: SamplerSpec, mar, ar, labels: torch.Tensor, generator: to
                          temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, generator=generator,
                          text_mask=text_mask)
     return sample_fusion(ar, mar, labels, grid, ar_tokens=spec.fusion_k(grid[0] * grid[1]), mar_steps=spec.steps,
-                         cfg_scale=spec.cfg_scale, temperature=spec.temperature, top_k=spec.top_k,
-                         top_p=spec.top_p, choice_temperature=spec.choice_temperature, schedule=spec.schedule,
-                         generator=generator, text_mask=text_mask)
+                         cfg_scale=spec.cfg_scale, cfg_schedule=spec.cfg_schedule, temperature=spec.temperature,
+                         top_k=spec.top_k, top_p=spec.top_p, choice_temperature=spec.choice_temperature,
+                         schedule=spec.schedule, generator=generator, text_mask=text_mask)
 
 
 def _device(num_gpus: float) -> str:

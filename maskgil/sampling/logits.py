@@ -18,16 +18,38 @@ def cfg_scale_at(scale: float, progress: float, schedule: str = "constant") -> f
     raise ValueError(f"cfg schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
+def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Refuse settings that would silently sample something else: temperature a finite number > 0,
+    top_k None or 0 (off) or an integer >= 1 (k > vocab keeps all), top_p None (off) or in (0, 1]."""
+    if not (0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0 (top_k=1 decodes greedily), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+        raise ValueError(f"top_k must be None or 0 (off), or an integer >= 1 (keep the k likeliest), got {top_k!r}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be None (off) or in (0, 1] (keep the smallest set of codes reaching that "
+                         f"probability), got {top_p!r}")
+
+
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    """Scale by 1/temperature and set logits outside top-k / nucleus top-p to -inf. (..., V)"""
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 (use top_k=1 for greedy decoding)")
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
+    """Scale by 1/temperature and set logits outside top-k / nucleus top-p to -inf. (..., V)
+
+    A tiny temperature can push a row's top logit to inf (softmax -> nan), or round to 0 in the
+    logits' dtype; such rows are shifted by their max and divided in float64, so the top logit
+    stays 0 and the rest go to -inf (argmax). Other rows are divided as they are, so their bits do
+    not change."""
+    check_sampling_args(temperature, top_k, top_p)
+    scaled = logits / temperature
+    if temperature < 1:  # only a division by < 1 can overflow
+        overflow = ~scaled.amax(-1, keepdim=True).isfinite()
+        # in float64: a temperature below float32's range would round to 0 there (0 / 0 = nan)
+        shifted = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).to(logits.dtype)
+        scaled = torch.where(overflow, shifted, scaled)
+    logits = scaled
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
+    if top_p is not None and top_p < 1:
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = (cum - sorted_logits.softmax(-1)) > top_p  # keep the smallest set reaching top_p
@@ -48,11 +70,12 @@ def sample_tokens(model, logits: torch.Tensor, temperature: float = 1.0, top_k: 
     """Draw codes from model logits (..., sum of head sizes), factorised or not.
 
     Each sub-token is filtered and sampled independently; returns (codes (...), log p of the drawn
-    code (...)), the latter the sum of the sub-token log-probabilities (MaskGIT's confidence)."""
+    code (...)), the latter the sum of the sub-token log-probabilities under the logits as given,
+    before temperature and top-k / top-p: MaskGIT's confidence ranks positions by what the model
+    believes, not by the sampling knobs (under top_k=1 every filtered log p would be 0)."""
     subs, logp = [], 0.0
     for part in model.split_logits(logits):
-        part = filter_logits(part, temperature, top_k, top_p)
-        s = sample_from_logits(part, generator)
+        s = sample_from_logits(filter_logits(part, temperature, top_k, top_p), generator)
         logp = logp + part.log_softmax(-1).gather(-1, s[..., None]).squeeze(-1)
         subs.append(s)
     return model.join_tokens(torch.stack(subs, -1)), logp

@@ -1,7 +1,8 @@
 """MaskGIT parallel decoding (the paper's sampler, 8 steps by default).
 
-At step i of T every unknown token is sampled; its confidence is log p(sampled) plus Gumbel noise
-scaled by choice_temperature * (1 - (i+1)/T); the most confident ones are revealed so that the
+At step i of T every unknown token is sampled (temperature, top-k); its confidence is log p(sampled)
+under the guided logits before temperature and top-k, plus Gumbel noise scaled by
+choice_temperature * (1 - (i+1)/T); the most confident ones are revealed so that the
 number still masked follows the schedule over the *initially unknown* tokens. Revealed and
 pre-filled tokens never change.
 """
