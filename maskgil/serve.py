@@ -5,7 +5,7 @@
     serve deploy ray_configs/serve.yaml                           # replicas, GPUs, autoscaling, limits
 
 Request path: HTTP proxy -> `Fusion` ingress (validation, seed, composition) -> `ARModel` writes the
-first k = round(ar_share * h*w) tokens -> `MARModel` completes the rest in `steps` MaskGIT steps ->
+first k = round(ar_share * h*w) tokens -> `MARModel` completes the rest in at most `steps` MaskGIT steps ->
 `Decoder` turns tokens into PNGs. k = 0 never calls the AR replicas, k = h*w never calls MAR.
 Model replicas batch compatible requests (`@serve.batch`, grouped by grid and sampling settings);
 each request samples from its own generator seeded with its seed (see maskgil.serving.engine), so
@@ -25,7 +25,8 @@ from typing import Any, Literal, Optional
 
 import ray
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,7 +37,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from maskgil.checkpoint import MODEL_REGISTRY, config_from_dict, read_config, weights_hash
-from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request
+from maskgil.serving.api import (MASKGIT_SCHEDULE, GenerateRequest, Limits, ModelShape, RequestError, check_request,
+                                 json_safe)
 from maskgil.images import image_grid, png_bytes, to_uint8_nhwc
 from maskgil.serving.engine import Job, ar_batch, make_generator, maskgit_batch
 
@@ -117,7 +119,7 @@ class _Replica:
         self._run.set_max_batch_size(max_batch_size)
         self._run.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.max_batch_size = max_batch_size
-        self._failures_in_a_row, self._last_error = 0, None
+        self._failures_in_a_row = 0
 
     def _load_generator(self, path: str, compile: bool):
         from maskgil.checkpoint import load_pretrained
@@ -132,6 +134,13 @@ class _Replica:
         grid = tuple(self.model.config.grid_size)
         for n_jobs, cfg in shapes:
             run([self._job({"num_images": 1, "class_id": 0, "seed": 0}) for _ in range(n_jobs)], grid, cfg)
+
+    def _probe_item(self) -> dict:
+        """A request any working replica serves (a generator's: one image, native grid, one step or two
+        tokens, no guidance: shapes compiled replicas warm up for)."""
+        return {"num_images": 1, "class_id": 0, "seed": 0, "grid": tuple(self.model.config.grid_size),
+                "cfg_scale": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "top_k": None, "steps": 1,
+                "choice_temperature": 0.0, "ar_tokens": 2}
 
     def _job(self, item: dict) -> Job:
         """A request's rows: its condition (class id, or the prompt's features padded to text_len
@@ -167,7 +176,7 @@ class _Replica:
             try:
                 results = await asyncio.to_thread(compute, group)
             except Exception as e:  # noqa: BLE001 - reported to the caller, replica stays up
-                self._failures_in_a_row, self._last_error = self._failures_in_a_row + 1, e
+                self._failures_in_a_row += 1
                 for i in idx:
                     out[i] = (False, e)
                 continue
@@ -183,14 +192,19 @@ class _Replica:
         return {**self._info, "max_batch_size": self.max_batch_size,
                 "replica_actor": ray.get_runtime_context().get_actor_name()}
 
-    def check_health(self):
-        """Serve replaces the replica when this raises: after MAX_FAILURES_IN_A_ROW failed batches
-        (requests are validated by the ingress, so repeated failures mean a broken replica, e.g. a
-        sticky CUDA error or OOM), or when its GPU no longer runs a kernel."""
+    async def check_health(self):
+        """Serve replaces the replica when this raises: when its GPU no longer runs a kernel, or when
+        after MAX_FAILURES_IN_A_ROW failed batches a known-good request fails too (a sticky CUDA error,
+        OOM). Failed batches alone do not condemn it: input that passed validation can still fail its
+        own batch, and one client sending it must not get replicas replaced. The probe goes through
+        the batch queue, so it never runs the model beside a batch."""
         if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            raise RuntimeError(f"{self._failures_in_a_row} batches in a row failed; last: {self._last_error!r}")
+            ok, outcome = await self._run(self._probe_item())  # success resets the count
+            if not ok:
+                raise RuntimeError(f"{self._failures_in_a_row} batches in a row failed, a known-good request's "
+                                   f"included; last: {outcome!r}")
         if self.device.type == "cuda":
-            torch.ones(1, device=self.device).add_(1).item()
+            await asyncio.to_thread(lambda: torch.ones(1, device=self.device).add_(1).item())
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30)
@@ -219,7 +233,8 @@ class MARModel(_Replica):
         jobs = [self._job(g) for g in group]
         tokens = maskgit_batch(self.model, jobs, it["grid"], steps=it["steps"], temperature=it["temperature"],
                                top_k=it["top_k"], choice_temperature=it["choice_temperature"],
-                               cfg_scale=it["cfg_scale"], cfg_schedule=it["cfg_schedule"], compile=self.compile)
+                               cfg_scale=it["cfg_scale"], cfg_schedule=it["cfg_schedule"], schedule=MASKGIT_SCHEDULE,
+                               compile=self.compile)
         return [{"tokens": t.cpu()} for t in tokens]
 
 
@@ -284,6 +299,11 @@ class Decoder(_Replica):
         self.decoder = TokenDecoder(path, self.device)
         self._info = self.decoder.info
 
+    def _probe_item(self) -> dict:
+        """Codes 0 on a small grid: any working decoder turns them into an image."""
+        return {"tokens": torch.zeros(1, 4, dtype=torch.long), "grid": (2, 2), "num_images": 1, "want_each": False,
+                "want_grid": False}
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _run(self, items: list[dict]) -> list:
         return await self._run_groups(items, lambda it: it["grid"], lambda group: [self.decoder.decode(g) for g in group])
@@ -293,6 +313,15 @@ class Decoder(_Replica):
 api = FastAPI(title="MaskGIL", version="0.1.0",
               description="Class- or text-conditional image generation: MaskGIL (masked), LlamaGen-style AR, and "
                           "AR->MAR fusion, served by Ray Serve. Every response carries the seed that reproduces it.")
+
+
+@api.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    """422 naming the fields, as FastAPI's own handler, but always renderable: that one echoes the
+    input as is, and NaN, Infinity (1e400 too) or a lone surrogate in it made it a bare 500."""
+    detail = json_safe(jsonable_encoder(exc.errors()))
+    body = json.dumps({"detail": detail}, separators=(",", ":"))  # ASCII: a lone surrogate goes out escaped
+    return Response(body, status_code=422, media_type="application/json")
 
 
 def _stage_timing(t0: float, out: dict) -> dict:
@@ -412,8 +441,8 @@ class Fusion:
         if req.output == "png":
             return Response(images["grid_png"], media_type="image/png",
                             headers={"X-Seed": str(seed), "X-AR-Tokens": str(k), "X-Timings": json.dumps(timings)})
-        return {"seed": seed, "class_id": req.class_id, "prompt": req.prompt, "ar_tokens": k, "mar_steps": req.steps if k < N else 0,
-                "grid": [h, w], "resolution": [h * d, w * d],
+        return {"seed": seed, "class_id": req.class_id, "prompt": req.prompt, "ar_tokens": k,
+                "mar_steps": plan.mar_steps, "grid": [h, w], "resolution": [h * d, w * d],
                 "images": [base64.b64encode(p).decode("ascii") for p in images["pngs"]],
                 "tokens": tokens.view(req.num_images, N).tolist(), "timings": timings}
 

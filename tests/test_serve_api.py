@@ -1,6 +1,8 @@
-"""Serving without a cluster: request schema and limits, checkpoint resolution, the app builder and
-the Serve config files."""
+"""Serving without a cluster: request schema and limits, checkpoint resolution, the app builder,
+the Serve config files, replica health, and the ingress over HTTP (TestClient, replicas in-process)."""
 import asyncio
+import dataclasses
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +14,8 @@ from pydantic import ValidationError
 
 from maskgil.checkpoint import save_pretrained
 from maskgil.models import build_model
-from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request
+from maskgil.sampling import sample_maskgit
+from maskgil.serving.api import GenerateRequest, Limits, ModelShape, RequestError, check_request, maskgit_steps_run
 from maskgil.tokenizers import build_tokenizer
 from maskgil.training import cpu_compile_available
 
@@ -48,6 +51,11 @@ def test_schema_defaults_and_types():
     assert req(resolution=[64, 32]).resolution == (64, 32)
     assert bad_field({"prompt": 3}) == "prompt"  # strict strings
     assert bad_field({"prompt": ""}) == "prompt"
+    for field in ("cfg_scale", "ar_share", "temperature", "choice_temperature"):  # strict floats: no strings
+        assert bad_field({"class_id": 1, field: "1.0"}) == field
+        assert bad_field({"class_id": 1, field: True}) == field  # or booleans (true was ar_share 1: pure AR)
+        value = getattr(req(**{field: 1}), field)  # but an integer is a number
+        assert value == 1.0 and type(value) is float
 
 
 def test_condition_must_match_the_deployed_models():
@@ -75,7 +83,7 @@ def test_limits_and_model_checks():
         assert e.value.field == field and e.value.detail()[0]["loc"] == ["body", field]
     # Inside the limits: grid = resolution / downsample, k = round-half-up(ar_share * h * w).
     p = check_request(req(resolution=[96, 48], ar_share=0.5), lim, SHAPE)
-    assert p.grid == (12, 6) and p.ar_tokens == 36
+    assert p.grid == (12, 6) and p.ar_tokens == 36 and p.mar_steps == 8
     assert check_request(req(ar_share=1 / 128), lim, SHAPE).ar_tokens == 1  # 0.5 rounds up
     assert check_request(req(ar_share=1.0), lim, SHAPE).ar_tokens == 64
     assert check_request(req(), Limits(), SHAPE).grid == (8, 8)  # default: native size
@@ -184,6 +192,8 @@ class FakeResponse:
         self.outcome, self.cancelled = outcome, False
 
     def __await__(self):
+        if asyncio.iscoroutine(self.outcome):  # an answer computed when awaited
+            return (yield from self.outcome.__await__())
         if self.outcome == "hang":
             yield from asyncio.sleep(3600).__await__()
         if isinstance(self.outcome, BaseException):
@@ -233,17 +243,28 @@ def test_stage_error_mapping():
 
 def test_replica_health_fails_after_repeated_batch_failures():
     """Batches are grouped by key, results come back per request in order, and a replica whose
-    batches keep failing reports itself unhealthy (so Serve replaces it); one success resets it."""
+    batches keep failing, a known-good request's too, reports itself unhealthy (so Serve replaces
+    it); one success resets it. Failures of bad requests alone do not."""
     from maskgil.serve import MAX_FAILURES_IN_A_ROW, _Replica
 
     class Doubler(_Replica):
         def __init__(self):
-            self.device, self._failures_in_a_row, self._last_error, self.fail = torch.device("cpu"), 0, None, False
+            self.device, self._failures_in_a_row, self.fail = torch.device("cpu"), 0, False
 
         def compute(self, group):
-            if self.fail:
-                raise RuntimeError("CUDA error: an illegal memory access")
+            if self.fail or any(g["x"] < 0 for g in group):
+                raise RuntimeError("CUDA error: an illegal memory access" if self.fail else "negative x")
             return [{"y": 2 * g["x"]} for g in group]
+
+        async def _run(self, item):  # what @serve.batch makes of the batch method: one item in, one out
+            (out,) = await self._run_groups([item], lambda it: 0, self.compute)
+            return out
+
+        def _probe_item(self):
+            return {"x": 1, "num_images": 1}
+
+        def check_health(self):  # run the probe on a loop of its own
+            return asyncio.run(_Replica.check_health(self))
 
     r = Doubler()
     items = [{"x": x, "k": x % 2, "num_images": 1} for x in range(5)]
@@ -261,6 +282,11 @@ def test_replica_health_fails_after_repeated_batch_failures():
     r.fail = False
     asyncio.run(r._run_groups(items[:1], lambda it: 0, r.compute))
     r.check_health()
+    for i in range(2 * MAX_FAILURES_IN_A_ROW):  # one client's bad requests fail their batches ...
+        out = asyncio.run(r._run_groups([{"x": -1, "num_images": 1}], lambda it: 0, r.compute))
+        assert out[0][0] is False and "negative x" in str(out[0][1])
+    r.check_health()  # ... but the replica still serves a good one: healthy, and the count starts over
+    assert r._failures_in_a_row == 0
 
 
 def test_matching_preset():
@@ -277,3 +303,147 @@ def test_matching_preset():
     assert matching_preset(dataclasses.asdict(preset_config("maskgil-b", post_norm=False))) is None
     for name in ("llamagen-vq", "llamagen-vq-tiny", "vqgan-chameleon"):
         assert matching_preset(dataclasses.asdict(TOKENIZER_PRESETS[name][1]), tokenizer=True) == name
+
+
+def test_maskgit_steps_run_counts_the_steps_the_sampler_runs():
+    """The served `mar_steps` is what MaskGIT runs: it stops once nothing is masked, so with 63 of
+    64 tokens written by AR, 64 steps asked run 1."""
+    torch.manual_seed(0)
+    mar = build_model("maskgil-tiny", **SMALL).eval()
+    for known, steps in ((63, 64), (60, 8), (32, 8), (0, 8), (0, 64), (61, 2)):
+        init = torch.full((1, 64), -1)
+        init[:, :known] = 0
+        trace = []
+        sample_maskgit(mar, torch.tensor([1]), (8, 8), steps=steps, init_tokens=init, trace=trace,
+                       generator=torch.Generator().manual_seed(0))
+        assert maskgit_steps_run(64 - known, steps) == len(trace), (known, steps)
+    assert maskgit_steps_run(0, 8) == 0  # AR wrote every token
+
+
+class InProcessHandle:
+    """Stands in for a DeploymentHandle: each call runs the replica's batch method on that one
+    request, in this process (what `_Replica.__call__` does, without Serve's batch queue)."""
+
+    def __init__(self, replica):
+        self.replica = replica
+
+    def remote(self, item):
+        return FakeResponse(self._answer(item))
+
+    async def _answer(self, item):
+        ((ok, value),) = await type(self.replica)._run.__wrapped__(self.replica, [item])
+        if not ok:
+            raise value
+        return value
+
+
+@pytest.fixture(scope="module")
+def client(ckpts):
+    """The ingress app over HTTP (FastAPI's TestClient), its stages real replicas run in-process."""
+    import ray.serve
+    from fastapi.testclient import TestClient
+
+    from maskgil.serve import ARModel, Decoder, Fusion, MARModel, api, model_shape
+
+    ar, mar, tok = (str(ckpts / n) for n in ("llamagen", "maskgil", "tokenizer"))
+    replicas = (ARModel.func_or_class(ar, device="cpu"), MARModel.func_or_class(mar, device="cpu"),
+                Decoder.func_or_class(tok, device="cpu"))
+    ingress = Fusion.func_or_class.__mro__[1]  # the class as written, without Serve's ASGI wrapper
+    fusion = ingress(*map(InProcessHandle, replicas), shape=dataclasses.asdict(model_shape(mar, ar, tok)),
+                     limits=Limits().model_dump())
+    with pytest.MonkeyPatch.context() as mp:  # the routes find their deployment instance here
+        mp.setattr(ray.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=fusion))
+        with TestClient(api, raise_server_exceptions=False) as c:
+            yield c
+
+
+def strict_json(response):
+    """The body parsed as standard JSON (NaN and Infinity are not JSON)."""
+    def refuse(name):
+        raise ValueError(f"{name} in a JSON body")
+
+    return json.loads(response.text, parse_constant=refuse)
+
+
+def post_raw(client, body: bytes):
+    return client.post("/generate", content=body, headers={"content-type": "application/json"})
+
+
+def test_http_unrenderable_input_gets_422_naming_the_field(client):
+    """NaN, Infinity and numbers too big for a float (Python's JSON parser reads all three) and lone
+    surrogates used to crash FastAPI's 422 body, which echoes the input, into a bare 500."""
+    cases = [(b'{"class_id":1,"cfg_scale":NaN}', "cfg_scale", "NaN"),
+             (b'{"class_id":1,"cfg_scale":Infinity}', "cfg_scale", "Infinity"),
+             (b'{"class_id":1,"cfg_scale":1e400}', "cfg_scale", "Infinity"),
+             (b'{"class_id":1,"choice_temperature":1e400}', "choice_temperature", "Infinity"),
+             (b'{"class_id":1,"steps":NaN}', "steps", "NaN"), (b'{"class_id":NaN}', "class_id", "NaN"),
+             (b'{"class_id":1,"seed":-Infinity}', "seed", "-Infinity"),
+             (b'{"class_id":1,"resolution":[NaN,64]}', "resolution", ["NaN", 64]),
+             (b'{"class_id":"\\ud800"}', "class_id", "\ud800")]
+    for body, field, echoed in cases:
+        r = post_raw(client, body)
+        assert r.status_code == 422 and r.headers["content-type"] == "application/json", (body, r.text)
+        errors = strict_json(r)["detail"]
+        assert errors[0]["loc"][:2] == ["body", field] and errors[0]["input"] == echoed, (body, errors)
+    r = post_raw(client, b'{"class_id":1,"cfg_scale":21}')  # the deployment's own checks answer the same way
+    assert r.status_code == 422 and strict_json(r)["detail"][0]["loc"] == ["body", "cfg_scale"]
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_http_float_fields_are_strict(client):
+    """Where a float is due, "1.0" and true are refused (true was ar_share 1.0: pure AR); integers pass."""
+    for field in ("cfg_scale", "ar_share", "temperature", "choice_temperature"):
+        for value in ("1.0", True):
+            r = client.post("/generate", json={"class_id": 1, "steps": 2, field: value})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], (field, value, r.text)
+    for ar_share, ar_tokens in ((1, 64), (0, 0)):
+        r = client.post("/generate", json={"class_id": 1, "steps": 2, "seed": 0, "cfg_scale": 2, "temperature": 1,
+                                           "choice_temperature": 0, "ar_share": ar_share, "output": "json"})
+        assert r.status_code == 200 and r.json()["ar_tokens"] == ar_tokens, r.text
+
+
+def test_http_mar_steps_are_the_steps_run(client):
+    """`mar_steps` in a response counts the steps MaskGIT ran, not those asked for: 1 token left, 1 step."""
+    cases = (({"ar_share": 0.99, "steps": 64}, 63, 1), ({"ar_share": 0.5, "steps": 4}, 32, 4), ({"steps": 64}, 0, 64),
+             ({"ar_share": 1.0, "steps": 4}, 64, 0))
+    for body, ar_tokens, mar_steps in cases:
+        r = client.post("/generate", json={"class_id": 1, "seed": 0, "output": "json", **body})
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert (d["ar_tokens"], d["mar_steps"]) == (ar_tokens, mar_steps), body
+
+
+def test_http_tiny_temperature_samples(client):
+    """Any temperature > 0 passes validation, so it must sample, in both stages (1e-40 overflowed
+    1 / temperature into a failed batch: a 500, and replicas counting failures)."""
+    for ar_share, temperature in ((0.0, 1e-40), (0.5, 1e-40), (1.0, 1e-40), (0.5, 1e-300)):  # 1e-300: 0 in float32
+        r = client.post("/generate", json={"class_id": 1, "steps": 2, "seed": 0, "temperature": temperature,
+                                           "ar_share": ar_share})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", (ar_share, temperature, r.text)
+        assert r.content.startswith(b"\x89PNG")
+
+
+def test_request_failures_do_not_condemn_a_working_replica(ckpts, monkeypatch):
+    """Batches that fail on their own input (out-of-range classes or codes, here sent past the
+    ingress's checks) leave each real replica healthy: its known-good probe, through its own batch
+    queue, succeeds and the failure count starts over."""
+    import ray.serve
+
+    from maskgil.serve import MAX_FAILURES_IN_A_ROW, ARModel, Decoder, MARModel
+
+    config = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))  # read by @serve.batch
+    monkeypatch.setattr(ray.serve, "get_replica_context", lambda: config)
+    for cls, name in ((ARModel, "llamagen"), (MARModel, "maskgil"), (Decoder, "tokenizer")):
+        replica = cls.func_or_class(str(ckpts / name), device="cpu")
+        probe = replica._probe_item()
+        bad = {**probe, "class_id": 99} if "class_id" in probe else {**probe, "tokens": probe["tokens"] + 10**6}
+
+        async def scenario():
+            for _ in range(MAX_FAILURES_IN_A_ROW):
+                with pytest.raises((ValueError, IndexError, RuntimeError)):
+                    await replica(bad)
+            assert replica._failures_in_a_row == MAX_FAILURES_IN_A_ROW
+            await replica.check_health()
+            assert replica._failures_in_a_row == 0
+
+        asyncio.run(scenario())

@@ -1,18 +1,22 @@
 """The HTTP contract of the serving app: request schema, configurable limits, and checks that need
-the loaded models (class count, tokenizer downsample). Pure pydantic, unit-tested without Ray.
+the loaded models (class count, tokenizer downsample). No Ray here: unit-tested without a cluster.
 
 Static bounds live in the schema (pydantic -> 422 naming the field); bounds that depend on the
 deployment (limits, model shapes) are checked by `check_request` and raise the same 422 shape.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from maskgil.sampling.schedules import reveal_counts
 
 MAX_SEED = 2**63 - 1
+MASKGIT_SCHEDULE = "cosine"  # the MAR replicas' mask schedule; with the steps, it fixes how many steps run
 
 
 class Limits(BaseModel):
@@ -29,7 +33,8 @@ class Limits(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """POST /generate body. Integers are strict: "3", 3.5 and true are rejected, not coerced."""
+    """POST /generate body. Numbers are strict: "3", 3.5 and true are rejected where an integer is
+    due, "2.0" and true where a float is (an integer such as 2 is a float), rather than coerced."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,15 +42,16 @@ class GenerateRequest(BaseModel):
                                                                    "(class-conditional models)")
     prompt: Optional[StrictStr] = Field(None, min_length=1, description="what to draw (text-conditional models); "
                                                                        "cut at the model's text_len word pieces")
-    cfg_scale: float = Field(2.0, ge=0, allow_inf_nan=False, description="classifier-free guidance scale; 1 = off")
+    cfg_scale: StrictFloat = Field(2.0, ge=0, allow_inf_nan=False,
+                                   description="classifier-free guidance scale; 1 = off")
     cfg_schedule: Literal["constant", "linear"] = "constant"
     steps: StrictInt = Field(8, ge=1, description="MaskGIT steps for the tokens the AR model does not write")
-    ar_share: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
-                            description="fraction of tokens (raster order) written by the AR model: "
-                                        "0 = pure MAR, 1 = pure AR; k = round(ar_share * h * w)")
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    ar_share: StrictFloat = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                  description="fraction of tokens (raster order) written by the AR model: "
+                                              "0 = pure MAR, 1 = pure AR; k = round(ar_share * h * w)")
+    temperature: StrictFloat = Field(1.0, gt=0, allow_inf_nan=False)
     top_k: Optional[StrictInt] = Field(None, ge=1)
-    choice_temperature: float = Field(4.5, ge=0, allow_inf_nan=False, description="MaskGIT confidence noise")
+    choice_temperature: StrictFloat = Field(4.5, ge=0, allow_inf_nan=False, description="MaskGIT confidence noise")
     seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED, description="omit for a random seed (returned)")
     num_images: StrictInt = Field(1, ge=1)
     resolution: Optional[Union[StrictInt, tuple[StrictInt, StrictInt]]] = Field(
@@ -82,6 +88,7 @@ class Plan:
 
     grid: tuple[int, int]
     ar_tokens: int
+    mar_steps: int  # MaskGIT steps that actually run on the tokens AR leaves
 
     @property
     def n_tokens(self) -> int:
@@ -90,6 +97,25 @@ class Plan:
 
 def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
+
+
+def maskgit_steps_run(n_unknown: int, steps: int, schedule: str = MASKGIT_SCHEDULE) -> int:
+    """Steps MaskGIT runs to reveal `n_unknown` tokens: it stops once none is left masked, so asking
+    for more steps than there are unknown tokens runs fewer (and none when AR wrote every token)."""
+    return sum(1 for revealed in reveal_counts(n_unknown, steps, schedule) if revealed > 0)
+
+
+def json_safe(value):
+    """`value` (JSON types, as from `jsonable_encoder`) with NaN and +-Infinity as the strings
+    "NaN", "Infinity", "-Infinity": JSON has no such numbers, yet error bodies echo the client's
+    input, which Python's parser reads them into."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def check_request(req: GenerateRequest, limits: Limits, shape: ModelShape) -> Plan:
@@ -135,4 +161,5 @@ def check_request(req: GenerateRequest, limits: Limits, shape: ModelShape) -> Pl
         if side > max_side:
             raise RequestError("resolution", f"each side must be <= {max_side} px (server limit), got {list(size)}")
     grid = (size[0] // d, size[1] // d)
-    return Plan(grid=grid, ar_tokens=round_half_up(req.ar_share * grid[0] * grid[1]))
+    ar_tokens = round_half_up(req.ar_share * grid[0] * grid[1])
+    return Plan(grid=grid, ar_tokens=ar_tokens, mar_steps=maskgit_steps_run(grid[0] * grid[1] - ar_tokens, req.steps))
