@@ -173,3 +173,67 @@ def test_masked_loss_under_bf16_autocast_upcasts_the_hidden_token_logits():
     assert rows.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     expected = torch.nn.functional.cross_entropy(rows.float(), tokens[mask], label_smoothing=0.1)
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_compute_loss_label_smoothing_defaults_to_0_1_masked_and_0_causal():
+    """The paper's masked objective smooths its targets by 0.1; LlamaGen's next-token objective
+    does not. An explicit value overrides either default."""
+    from types import SimpleNamespace
+
+    from maskgil.training.objectives import compute_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)
+    tokens = torch.tensor([[1, 4, 0], [2, 2, 3]])
+    masked = SimpleNamespace(causal=False, class_dropout=0.0, mask_token_id=5)
+    causal = SimpleNamespace(causal=True, class_dropout=0.0)
+
+    def hand(scored, eps):
+        rows = [(b, i) for b in range(2) for i in range(3) if scored[b, i]]
+        return sum(hand_smoothed_ce(logits[b, i], int(tokens[b, i]), eps) for b, i in rows) / len(rows)
+
+    for config, eps in ((masked, 0.1), (causal, 0.0)):
+        out = compute_loss(FixedLogits(logits), config, tokens, torch.tensor([0, 1]), (1, 3),
+                           generator=torch.Generator().manual_seed(1))
+        assert out.loss.item() == pytest.approx(hand(out.scored, eps), rel=1e-6), config
+        assert out.total.item() == pytest.approx(out.loss.item() * out.n_scored, rel=1e-6)
+        other = compute_loss(FixedLogits(logits), config, tokens, torch.tensor([0, 1]), (1, 3), label_smoothing=0.3,
+                             generator=torch.Generator().manual_seed(1))
+        assert other.loss.item() == pytest.approx(hand(other.scored, 0.3), rel=1e-6), config
+    assert out.scored.all()  # the causal objective scores every position
+
+
+def test_next_token_loss_drops_the_condition_at_the_class_dropout_rate():
+    """CFG training for the AR model: the condition is replaced by the null class for a fraction
+    class_dropout of the rows (drawn from the step's generator), and never with class_dropout 0."""
+    model = FixedLogits(torch.zeros(4000, 2, 5))
+    cond = torch.arange(4000) % 7
+    next_token_loss(model, torch.zeros(4000, 2, dtype=torch.long), cond, (1, 2), class_dropout=0.1,
+                    generator=torch.Generator().manual_seed(0))
+    frac = model.seen[2].float().mean().item()
+    assert 0.08 < frac < 0.12  # Binomial(4000, 0.1): sd 0.0047
+    assert torch.equal(model.seen[1], cond)  # the model gets the ids; it swaps in the null class itself
+    again = FixedLogits(torch.zeros(4000, 2, 5))
+    next_token_loss(again, torch.zeros(4000, 2, dtype=torch.long), cond, (1, 2), class_dropout=0.1,
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.seen[2], model.seen[2])  # a replayed step drops the same rows
+    next_token_loss(model, torch.zeros(4000, 2, dtype=torch.long), cond, (1, 2), class_dropout=0.0,
+                    generator=torch.Generator().manual_seed(0))
+    assert not model.seen[2].any()
+
+
+def test_a_given_mask_continues_the_generator_like_a_drawn_one():
+    """The training step draws each mask before the forward (to count the step's hidden tokens) and
+    passes it in: the condition dropout must then come out as when the objective draws the mask."""
+    from maskgil.training.objectives import training_mask
+
+    model = FixedLogits(torch.zeros(64, 6, 5))
+    tokens, cond = torch.zeros(64, 6, dtype=torch.long), torch.arange(64) % 3
+    args = dict(mask_id=5, class_dropout=0.5, schedule="cosine")
+    drawn = masked_token_loss(model, tokens, cond, (2, 3), generator=torch.Generator().manual_seed(4), **args)
+    drop = model.seen[2]
+    g = torch.Generator().manual_seed(4)
+    mask = training_mask(tiny("maskgil-tiny").config, 64, 6, "cosine", g)
+    given = masked_token_loss(model, tokens, cond, (2, 3), generator=g, mask=mask, **args)
+    assert torch.equal(given.scored, drawn.scored) and torch.equal(model.seen[2], drop)
+    assert training_mask(tiny("llamagen-tiny").config, 64, 6, "cosine", g) is None  # causal: every position

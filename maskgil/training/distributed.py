@@ -23,10 +23,13 @@ FSDP_PRESETS = ("maskgil-l", "maskgil-xl", "maskgil-xxl", "llamagen-l", "llamage
 
 
 def resolve_strategy(strategy: str, preset: str, world_size: int, use_gpu: bool) -> str:
-    """'auto': FSDP for L/XL/XXL on GPUs, DDP otherwise; 'none' when there is a single process.
-    An explicit 'fsdp' also runs on CPU workers (gloo), which is how the tests exercise it."""
+    """'auto': FSDP for L/XL/XXL on GPUs, DDP otherwise; 'none' when there is a single process (an
+    explicit 'none' needs one). An explicit 'fsdp' also runs on CPU workers (gloo), which is how the
+    tests exercise it."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "none" and world_size > 1:  # each worker would train its own copy on its share of the batch
+        raise ValueError(f"strategy 'none' syncs no gradients: with {world_size} workers use 'auto', 'ddp' or 'fsdp'")
     if strategy == "auto":
         if world_size <= 1:
             return "none"

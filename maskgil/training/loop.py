@@ -5,8 +5,9 @@ The paper's settings are the defaults: AdamW lr 1e-4, betas (0.9, 0.96), weight 
 global batch 256 (split over workers, then into gradient-accumulation micro-batches).
 
 Checkpoint = a `save_pretrained` directory (config.json + model.safetensors) plus `train_state.pt`
-(optimizer, step, data position, RNG), loaded with `weights_only=True`. The learning-rate
-schedule is a pure function of the step, so the step *is* the scheduler state.
+(optimizer, step, data position, the CPU RNG and, when the model trains on a GPU, that device's CUDA
+RNG), loaded with `weights_only=True`. The learning-rate schedule is a pure function of the step,
+so the step *is* the scheduler state.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import torch.nn as nn
 
 from maskgil.checkpoint import WEIGHTS_NAME, checked_fields, save_pretrained
 from maskgil.precision import PRECISIONS, resolve_precision
-from maskgil.training.distributed import (full_model_state, full_optimizer_state, load_full_state, no_grad_sync,
-                                          unwrap)
-from maskgil.training.objectives import compute_loss
+from maskgil.sampling.schedules import SCHEDULES
+from maskgil.training.distributed import (STRATEGIES, full_model_state, full_optimizer_state, load_full_state,
+                                          no_grad_sync, unwrap)
+from maskgil.training.objectives import compute_loss, training_mask
 
 TRAIN_STATE_NAME = "train_state.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -63,24 +65,57 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
 
     def __post_init__(self):
+        """Reject values that would train wrongly without an error (a negative learning rate ascends,
+        a negative clip norm turns clipping off) or fail only later inside a Ray worker."""
         self.betas = tuple(self.betas)
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.mask_schedule not in SCHEDULES:
+            raise ValueError(f"mask_schedule must be one of {SCHEDULES}, got {self.mask_schedule!r}")
         if self.max_steps < 1 or self.global_batch < 1:
             raise ValueError("max_steps and global_batch must be >= 1")
+        inf = math.inf  # (the comparisons below also reject NaN)
+        _check_range("micro_batch", self.micro_batch, "null or an integer >= 1",
+                     self.micro_batch is None or self.micro_batch >= 1)
+        _check_range("lr", self.lr, "> 0", 0 < self.lr < inf)
+        _check_range("min_lr_ratio", self.min_lr_ratio, "in [0, 1]", 0 <= self.min_lr_ratio <= 1)
+        _check_range("warmup_steps", self.warmup_steps, ">= 0", self.warmup_steps >= 0)
+        _check_range("weight_decay", self.weight_decay, ">= 0", 0 <= self.weight_decay < inf)
+        _check_range("betas", list(self.betas), "two numbers in [0, 1)",
+                     len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas))
+        _check_range("grad_clip", self.grad_clip, ">= 0 (0 disables clipping)", self.grad_clip >= 0)
+        _check_range("label_smoothing", self.label_smoothing, "null (the objective's default) or in [0, 1)",
+                     self.label_smoothing is None or 0 <= self.label_smoothing < 1)
+        _check_range("checkpoint_every", self.checkpoint_every, ">= 1", self.checkpoint_every >= 1)
+        _check_range("keep_checkpoints", self.keep_checkpoints, ">= 1", self.keep_checkpoints >= 1)
+        _check_range("log_every", self.log_every, ">= 1", self.log_every >= 1)
+        _check_range("sample_every", self.sample_every, ">= 0 (0: only at the end)", self.sample_every >= 0)
         steps = [int(s[0]) for s in self.grid_schedule]
-        if any(len(s) != 3 for s in self.grid_schedule) or steps != sorted(steps) or (steps and steps[0] != 0):
-            raise ValueError(f"grid_schedule must be [[0, h, w], [step, h, w], ...] with ascending steps, "
-                             f"got {self.grid_schedule}")
+        if (any(len(s) != 3 or int(s[1]) < 1 or int(s[2]) < 1 for s in self.grid_schedule) or steps != sorted(steps)
+                or (steps and steps[0] != 0)):
+            raise ValueError(f"grid_schedule must be [[0, h, w], [step, h, w], ...] with ascending steps and "
+                             f"h, w >= 1, got {self.grid_schedule}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        return cls(**checked_fields(cls, data, "training config key", prefix="train."))
+        """From a run file's `train` section: errors name the key as it is written there (train.lr)."""
+        fields = checked_fields(cls, data, "training config key", prefix="train.")
+        try:
+            return cls(**fields)
+        except ValueError as e:
+            raise ValueError(f"train.{e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_range(name: str, value, accepted: str, ok: bool) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,6 +128,8 @@ def batch_plan(global_batch: int, world_size: int, micro_batch: int | None = Non
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
     per_worker = global_batch // world_size
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro batch must be >= 1, got {micro_batch}")
     micro = per_worker if micro_batch is None else min(micro_batch, per_worker)
     if per_worker % micro:
         raise ValueError(f"per-worker batch {per_worker} is not a multiple of micro batch {micro}")
@@ -126,11 +163,15 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norms, biases or embeddings' null rows alike)."""
+    """AdamW with the run's betas; weight decay on every weight matrix and embedding table (null rows
+    alike), none on biases and on the parameters of normalisation layers, whatever their shape
+    (QK-Norm's per-head gains and biases are (heads, 1, head_dim)): decay would pull gains towards 0."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    for module in unwrap(model).modules():
+        is_norm = type(module).__name__.endswith("Norm")  # LayerNorm, GroupNorm, RMSNorm, HeadNorm
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if is_norm or p.dim() < 2 or name.endswith("bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step instead of a few per parameter tensor, where the weights are plain CUDA
     # tensors (FSDP2's sharded DTensors keep the default multi-tensor path).
@@ -179,6 +220,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "batches_in_epoch": int(state.get("batches_in_epoch", 0)),
         "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
     }
+    device = _model_device(model)
+    if device.type == "cuda":  # dropout on the GPU draws from that device's generator, not the CPU's
+        train_state["cuda_rng"] = torch.cuda.get_rng_state(device)
     tmp = path / (TRAIN_STATE_NAME + ".tmp")
     torch.save(train_state, tmp)
     tmp.replace(path / TRAIN_STATE_NAME)
@@ -195,7 +239,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     ts = torch.load(path / TRAIN_STATE_NAME, map_location="cpu", weights_only=True)
     load_full_state(model, load_file(str(path / WEIGHTS_NAME)), optimizer, ts["optimizer"] if optimizer else None)
     torch.set_rng_state(ts["torch_rng"])
+    device = _model_device(model)
+    if device.type == "cuda" and "cuda_rng" in ts:  # absent: saved from CPU, or before it was saved
+        torch.cuda.set_rng_state(ts["cuda_rng"], device)
     return {k: ts[k] for k in ("step", "epoch", "batches_in_epoch")}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (under FSDP2 this rank's shards) live."""
+    p = next(unwrap(model).parameters(), None)
+    if p is None:
+        return torch.device("cpu")
+    return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -256,7 +311,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                device: torch.device | str = "cpu") -> dict:
     """One optimizer step over `micro_batches` (gradient accumulation). `grid` is the stage's token
     grid; a micro-batch with a "grid" of its own (an aspect-ratio bucket) uses that. Raises
-    NonFiniteLossError (without touching the weights) if the loss or the gradient norm is NaN/inf."""
+    NonFiniteLossError (without touching the weights) if the loss or the gradient norm is NaN/inf.
+
+    The step's loss is the mean over every token it scores, on all `world_size` ranks (the ranks
+    DDP / FSDP2 average gradients over): micro_batch and the worker count change how the global
+    batch is computed, not how its tokens are weighted. A mean per micro-batch would weight a hidden
+    token of a lightly masked row more than one of a heavily masked row whenever micro-batches differ
+    in their mask counts. So every micro-batch's mask is drawn first (the same draws from the same
+    generator as when the objective draws it), the count is summed over ranks (one scalar
+    all-reduce), and each micro-batch backpropagates its summed token loss x world_size / count,
+    which the wrappers' gradient average turns into sum / count. The returned "loss" is that
+    global token mean."""
     base = unwrap(model)
     device = torch.device(device)
     for g in optimizer.param_groups:
@@ -265,8 +330,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     optimizer.zero_grad(set_to_none=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=resolve_precision(cfg.precision, device) == "bf16" and cfg.strategy != "fsdp")
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_accum = len(micro_batches)
+    plan, count = [], 0
     for i, batch in enumerate(micro_batches):
         tokens, cond, text_mask = _to_device_batch(batch, device)
         g = tuple(batch.get("grid") or grid)  # an aspect-ratio bucket's batch names its own grid
@@ -274,16 +338,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
             raise ValueError(f"batch holds {tokens.shape[1]} tokens per image but the grid at step {step} is "
                              f"{g[0]}x{g[1]}: feed shards of that resolution")
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, i))
-        with no_grad_sync(model, enabled=i < n_accum - 1), autocast:
+        mask = training_mask(base.config, tokens.shape[0], tokens.shape[1], cfg.mask_schedule, gen)  # None: causal
+        count += tokens.numel() if mask is None else int(mask.sum())
+        plan.append((tokens, cond, text_mask, g, gen, mask))
+    if world_size > 1:  # a tensor from here on: no host sync before the forwards are queued
+        count = torch.tensor(count, dtype=torch.float64, device=device)
+        dist.all_reduce(count)
+    scale = world_size / count  # float, or a 0-dim fp64 tensor (cast to the loss's fp32 at use)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (tokens, cond, text_mask, g, gen, mask) in enumerate(plan):
+        with no_grad_sync(model, enabled=i < len(plan) - 1), autocast:
             out = compute_loss(model, base.config, tokens, cond, g, schedule=cfg.mask_schedule,
                                label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile,
-                               text_mask=text_mask)
-            (out.loss / n_accum).backward()
-        loss_sum += out.loss.detach().double()
-    loss = loss_sum / n_accum
+                               text_mask=text_mask, mask=mask)
+            (out.total * (scale.float() if torch.is_tensor(scale) else scale)).backward()
+        loss_sum += out.total.detach().double()
     if world_size > 1:
-        dist.all_reduce(loss)
-        loss /= world_size
+        dist.all_reduce(loss_sum)
+    loss = loss_sum / count
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -318,7 +390,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     "grid" (h, w) when an aspect-ratio bucket's batch differs from the stage's grid) of one epoch,
     in a per-epoch shuffled order. The loop counts steps exactly: after a restart from a
     checkpoint at step s it runs steps s+1.. and skips the micro-batches of the epoch that step s
-    had already consumed, so no step is lost or repeated. With several ranks, an epoch ends on all
+    had already consumed, so no step is lost or repeated. A weak-to-strong grid switch starts a
+    fresh epoch of the new grid's data, also when the run resumes from a checkpoint saved right at
+    the switch (its data position is still the previous grid's). With several ranks, an epoch ends on all
     of them when any runs out (bucketed data fills a different number of batches per rank), so
     every rank counts the same micro-batches. Returns the final loop state + metrics."""
     hooks = hooks or Hooks()
@@ -326,8 +400,11 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     default_grid = tuple(unwrap(model).config.grid_size)
     probe = OutputNormProbe(model)
     metrics: dict[str, Any] = {}
-    grid = grid_at(state["step"], cfg, default_grid)
-    iterator = _epoch_iter(data, grid, state)
+    # The grid of the last step taken, which the saved data position (epoch, batches_in_epoch) belongs
+    # to: when the next step is a grid switch the loop below starts the new grid's epoch, as it does
+    # without a restart. The iterator opens lazily so that the old grid's data is never read then.
+    grid = grid_at(max(state["step"] - 1, 0), cfg, default_grid)
+    iterator = None
     fresh_epoch, steps_in_epoch = state["batches_in_epoch"] == 0, 0  # a resumed epoch may be nearly done
     bar = None
     if progress and rank == 0:
@@ -348,6 +425,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
             if new_grid != grid:  # weak-to-strong switch: a fresh epoch from the new resolution's data
                 grid = new_grid
                 new_epoch()
+            if iterator is None:
+                iterator = _epoch_iter(data, grid, state)
             micro, ended = _next_micro_batches(iterator, accum, micro_batch, state)
             if world_size > 1:  # ranks may run out at different steps (bucketed data): all end the epoch together
                 ended = _any_rank(ended, device)

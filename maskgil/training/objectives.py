@@ -24,6 +24,9 @@ class LossOutput:
     per_token: torch.Tensor  # (B, N) loss per position (detached), 0 where not scored
     scored: torch.Tensor  # (B, N) bool, the positions the loss is taken on
     inputs: torch.Tensor  # (B, N) the tokens the model actually saw
+    # scalar, the sum over the scored tokens (with grad): the training step divides it by the step's
+    # global count of scored tokens, so micro-batching and the worker count do not reweight tokens
+    total: torch.Tensor
 
 
 def random_token_mask(batch: int, n_tokens: int, schedule: str = "cosine", generator=None) -> torch.Tensor:
@@ -85,7 +88,9 @@ def masked_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tup
     """MaskGIL / MaskGIT objective: hide ceil(gamma(r) N) tokens, predict them, CE on hidden tokens only.
 
     `model` may be DDP/FSDP-wrapped, hence `mask_id` is passed explicitly. `mask` (B, N) bool
-    overrides the random choice (tests)."""
+    overrides the random choice: tests, and the training step, which draws each micro-batch's mask
+    first (`training_mask` on this same generator) to count the step's hidden tokens; the condition
+    dropout then continues from the generator's state, as it does when the mask is drawn here."""
     B, N = tokens.shape
     device = tokens.device
     if mask is None:
@@ -98,7 +103,8 @@ def masked_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tup
     ce = token_cross_entropy(logits, tokens.reshape(-1)[positions], label_smoothing, factorization, compiled)  # (M,)
     n = positions.numel()
     per_token = torch.zeros(B * N, dtype=ce.dtype, device=device).index_copy_(0, positions, ce.detach())
-    return LossOutput(ce.sum() / max(n, 1), n, per_token.view(B, N), mask, inputs)
+    total = ce.sum()
+    return LossOutput(total / max(n, 1), n, per_token.view(B, N), mask, inputs, total)
 
 
 def next_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tuple[int, int], *,
@@ -111,18 +117,31 @@ def next_token_loss(model, tokens: torch.Tensor, cond: torch.Tensor, grid: tuple
     logits = model(tokens, cond, grid, drop_cond=drop, text_mask=text_mask)  # (B, N, V), shifted inside the model
     per_token = token_cross_entropy(logits, tokens, label_smoothing, factorization, compiled)  # (B, N)
     scored = torch.ones_like(tokens, dtype=torch.bool)
-    return LossOutput(per_token.mean(), B * N, per_token, scored, tokens)
+    return LossOutput(per_token.mean(), B * N, per_token, scored, tokens, per_token.sum())
+
+
+def training_mask(config, batch: int, n_tokens: int, schedule: str = "cosine", generator=None) -> torch.Tensor | None:
+    """The (B, N) positions `compute_loss` will score, drawn from `generator` exactly as the masked
+    objective draws them (pass the result back as its `mask`); None for a causal model, which scores
+    every position. Lets the training step count a step's scored tokens before any forward."""
+    if getattr(config, "causal", False):
+        return None
+    return random_token_mask(batch, n_tokens, schedule, generator)
 
 
 def compute_loss(model, config, tokens, cond, grid, *, schedule: str = "cosine", label_smoothing: float | None = None,
-                 generator=None, compiled: bool = False, text_mask=None) -> LossOutput:
-    """Pick the objective from the (unwrapped) model config: causal -> next token, else masked tokens."""
+                 generator=None, compiled: bool = False, text_mask=None, mask: torch.Tensor | None = None) -> LossOutput:
+    """Pick the objective from the (unwrapped) model config: causal -> next token, else masked tokens.
+    `mask` (masked models only): the hidden positions, from `training_mask` on the same generator."""
     fact = tuple(getattr(config, "factorization", ()))
     if getattr(config, "causal", False):
+        if mask is not None:
+            raise ValueError("a causal model scores every position: it takes no mask")
         ls = 0.0 if label_smoothing is None else label_smoothing
         return next_token_loss(model, tokens, cond, grid, class_dropout=config.class_dropout, label_smoothing=ls,
                                generator=generator, factorization=fact, compiled=compiled, text_mask=text_mask)
     ls = 0.1 if label_smoothing is None else label_smoothing
     return masked_token_loss(model, tokens, cond, grid, mask_id=config.mask_token_id,
                              class_dropout=config.class_dropout, schedule=schedule, label_smoothing=ls,
-                             generator=generator, factorization=fact, compiled=compiled, text_mask=text_mask)
+                             generator=generator, mask=mask, factorization=fact, compiled=compiled,
+                             text_mask=text_mask)

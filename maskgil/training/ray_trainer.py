@@ -25,7 +25,7 @@ from maskgil.models import build_model
 from maskgil.precision import resolve_precision
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
 from maskgil.training.loop import (Hooks, NonFiniteLossError, TrainConfig, batch_plan, build_optimizer, compile_blocks,
-                                   fit, load_checkpoint, save_checkpoint)
+                                   fit, grid_at, load_checkpoint, save_checkpoint)
 from maskgil.training.runconfig import absolute_tracking_uri, flatten, shard_dirs, worker_resources
 
 # Test-only fault injection: the worker of rank MASKGIL_FAULT_RANK exits hard after step
@@ -205,11 +205,10 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(_scalars(metrics), checkpoint=ckpt, checkpoint_dir_name=f"step_{step:08d}")
 
-    grid_now = [tuple(unwrap(model).config.grid_size)]
+    # The grid of the step just trained, for on_sample (the first one: step `start`'s, not the model's default).
+    grid_now = [grid_at(start["step"] if start else 0, cfg, unwrap(model).config.grid_size)]
 
     def on_step_end(step):
-        from maskgil.training.loop import grid_at
-
         grid_now[0] = grid_at(step, cfg, unwrap(model).config.grid_size)
         _maybe_inject_fault(step, rank)
 

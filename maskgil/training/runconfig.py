@@ -13,6 +13,7 @@ import yaml
 
 from maskgil.checkpoint import typed_value
 from maskgil.models.presets import preset_config
+from maskgil.training.distributed import resolve_strategy
 from maskgil.training.loop import TrainConfig
 
 DEFAULTS = {
@@ -37,6 +38,16 @@ CONFIG_ERRORS = (OSError, ValueError, yaml.YAMLError)
 NULLABLE_TYPES = {"data.shards": str | dict | None, "run.name": str | None, "run.output": str | None,
                   "run.tokenizer": str | None, "sample.classes": list | None, "sample.prompts": list | None,
                   "sample.top_k": int | None}
+
+# Accepted ranges of the numeric keys outside `train` (TrainConfig checks its own): a value outside
+# fails only inside a Ray worker, or at the end of a run when the final sample grid is drawn.
+RANGES = {"data.shuffle_buffer": (">= 0 (0: no local shuffle)", lambda v: v >= 0),
+          "scaling.threads_per_worker": (">= 1", lambda v: v >= 1),
+          "scaling.cpus_per_worker": ("> 0", lambda v: v > 0), "scaling.gpus_per_worker": ("> 0", lambda v: v > 0),
+          "run.max_failures": (">= -1 (-1: retry forever)", lambda v: v >= -1),
+          "sample.per_class": (">= 1", lambda v: v >= 1), "sample.steps": (">= 1", lambda v: v >= 1),
+          "sample.temperature": ("a finite number > 0", lambda v: 0 < v < float("inf")),
+          "sample.top_k": ("null, 0 (off) or >= 1", lambda v: v is None or v >= 0)}
 
 
 def _merge(base: dict, new: dict, where: str) -> dict:
@@ -76,6 +87,9 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
             for key, value in values.items():
                 name = f"{section}.{key}"
                 values[key] = typed_value(value, NULLABLE_TYPES.get(name, type(DEFAULTS[section][key])), name)
+                accepted, ok = RANGES.get(name, (None, None))
+                if ok is not None and not ok(values[key]):
+                    raise ValueError(f"{name} must be {accepted}, got {values[key]!r}")
     train = TrainConfig.from_dict(cfg["train"])  # raises on unknown keys and wrong types (workers coerce alike)
     try:  # the model a worker will build: the preset exists and the overrides fit its config
         preset_config(train.preset, **train.model_overrides)
@@ -85,6 +99,10 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
         raise ValueError(f"train.model_overrides: {e.args[0]}") from None
     if cfg["scaling"]["num_workers"] < 1:
         raise ValueError("scaling.num_workers must be >= 1")
+    try:  # what the workers will resolve (strategy 'none' needs one worker): fail here, not inside them
+        resolve_strategy(train.strategy, train.preset, cfg["scaling"]["num_workers"], cfg["scaling"]["use_gpu"])
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
     return cfg
 
 
