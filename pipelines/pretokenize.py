@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from maskgil.checkpoint import read_config  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
-from maskgil.data.images import parse_buckets  # noqa: E402
+from maskgil.data.images import check_crop_range, parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
 from maskgil.data.shards import MANIFEST, QUARANTINE  # noqa: E402
 from maskgil.data.sources import Columns  # noqa: E402
@@ -56,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="pretokenize")
     p.add_argument("--no-mlflow", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # a usage error now, not a ValueError from the driver after Ray has started
+        check_crop_range(args.crop_range)
+    except ValueError as e:
+        p.error(f"--crop-range: {e}")
+    return args
 
 
 def main(argv=None) -> dict:

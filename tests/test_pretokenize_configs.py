@@ -63,3 +63,13 @@ def test_a_wrong_tokenizer_path_is_a_usage_error_before_ray_starts(tmp_path, cap
     assert exit_info.value.code == 2
     assert "no_tokenizer is not a checkpoint directory" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0.9", "0", "nan"])
+def test_crop_range_below_one_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--source", "s", "--format", "imagenet", "--out", "o", "--tokenizer", "t",
+                    "--augment", "ten-crop", "--crop-range", value])
+    assert exit_info.value.code == 2
+    assert "--crop-range: crop_range must be a finite number >= 1" in capsys.readouterr().err
+    assert parse_args(["--source", "s", "--format", "imagenet", "--out", "o", "--tokenizer", "t", "--crop-range", "1"]).crop_range == 1.0

@@ -170,3 +170,21 @@ def test_buckets():
         parse_buckets("256")
     with pytest.raises(ValueError, match="ten-crop"):
         Preprocess(256, "ten-crop", buckets=buckets)
+
+
+@pytest.mark.parametrize("crop_range", [0.9, 0.0, -1.1, float("nan"), float("inf")])
+def test_crop_range_below_one_is_refused(crop_range):
+    # Below 1 the big centre crop is smaller than a crop: numpy slicing gave clipped corner crops
+    # at shifted places (64 px at 0.9: corners (4, 4), (57, 7), ...) instead of an error.
+    with pytest.raises(ValueError, match="crop_range must be"):
+        Preprocess(64, "ten-crop", crop_range=crop_range)
+    with pytest.raises(ValueError, match="crop_range must be"):
+        Preprocess(64, "none", crop_range=crop_range)  # a bad value is refused even where ten-crop is off
+    with pytest.raises(ValueError, match="crop_range must be"):
+        ten_crop(Image.fromarray(RNG.integers(0, 256, (80, 80, 3), dtype=np.uint8)), 64, crop_range)
+
+
+def test_crop_range_of_one_gives_ten_full_crops():
+    crops = Preprocess(64, "ten-crop", crop_range=1.0)(Image.fromarray(RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8)))
+    assert [c.shape for c in crops] == [(64, 64, 3)] * 10
+    assert all(np.array_equal(c, crops[0]) for c in crops[:5])  # the big crop is the crop: all five coincide

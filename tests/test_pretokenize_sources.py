@@ -1,11 +1,12 @@
 """The shard plan: stable ids from sorted listings, labels from folders, files never split oddly (no Ray)."""
 import io
+import json
 import tarfile
 
 import pytest
 
 from maskgil.data.embedded import class_dir_name, write_imagenet_folder, write_parquet
-from maskgil.data.sources import InputShard, plan_shards, read_shard
+from maskgil.data.sources import InputShard, caption_text, declared_classes, plan_shards, read_shard
 
 
 def test_imagenet_plan_is_sorted_and_labelled(tmp_path):
@@ -95,3 +96,96 @@ def test_parquet_target_follows_the_columns(tmp_path):
     pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "bare" / "p.parquet")
     with pytest.raises(ValueError, match="neither a 'label' nor a 'caption' column"):
         cfg(tmp_path / "bare").resolved_target()
+
+
+def _wds_bytes(n):
+    """An n-sample tar (k.jpg + k.txt each) and the header offset of every member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for k in range(n):
+            for ext, data in (("jpg", b"J%d" % k), ("txt", b"caption %d" % k)):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        offsets = [m.offset for m in tar]
+    return data, offsets
+
+
+@pytest.mark.parametrize("cut,problem", [
+    ("header", "truncated tar after 2 samples: the file ends at a member boundary"),
+    ("inside-header", "truncated tar after 2 samples: the file ends inside a member header"),
+    ("bad-checksum", "unreadable tar after 2 samples: InvalidHeaderError"),
+])
+def test_a_tar_cut_before_its_end_marker_is_quarantined(tmp_path, cut, problem):
+    """tarfile's stream mode reads a header cut off by the end of the file (or one that does not
+    parse) as the end of the archive: the samples after it vanished with nothing quarantined."""
+    data, offsets = _wds_bytes(5)
+    h = offsets[4]  # header of 0002.jpg, the third sample
+    if cut == "header":
+        data = data[:h]
+    elif cut == "inside-header":
+        data = data[:h + 100]
+    else:
+        data = data[:h] + b"x" * 512 + data[h + 512:]
+    (tmp_path / "a.tar").write_bytes(data)
+    (shard,) = plan_shards(str(tmp_path), "webdataset")
+    recs = list(read_shard(shard))
+    assert [(r.source, r.error) for r in recs[:2]] == [("a.tar/0000", None), ("a.tar/0001", None)]
+    assert len(recs) == 3 and recs[2].source == "a.tar" and recs[2].data is None
+    assert recs[2].error.startswith(problem), recs[2].error
+
+
+def test_a_whole_tar_has_no_truncation_record(tmp_path):
+    data, _ = _wds_bytes(5)
+    (tmp_path / "a.tar").write_bytes(data)
+    (shard,) = plan_shards(str(tmp_path), "webdataset")
+    assert [(r.source, r.caption, r.error) for r in read_shard(shard)] == [(f"a.tar/{k:04d}", f"caption {k}", None) for k in range(5)]
+
+
+def test_webdataset_json_that_is_not_an_object_is_quarantined(tmp_path):
+    _tar(tmp_path / "a.tar", [("k1.jpg", b"J1"), ("k1.json", b"[1, 2]"), ("k2.jpg", b"J2"), ("k2.json", b"null"),
+                              ("k3.jpg", b"J3"), ("k3.json", b'{"caption": "fine", "label": 3}')])
+    (shard,) = plan_shards(str(tmp_path), "webdataset")
+    assert [(r.source, r.caption, r.label, r.error) for r in read_shard(shard)] == [
+        ("a.tar/k1", None, None, "json metadata is not an object: list"),
+        ("a.tar/k2", None, None, "json metadata is not an object: NoneType"),
+        ("a.tar/k3", "fine", 3, None),
+    ]
+
+
+def test_list_captions_give_their_first_non_empty_string(tmp_path):
+    """Several captions per image (list<string> column, JSON array): the first non-empty one, never
+    the list's Python repr; an empty list is no caption; other values are left for the caller to refuse."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert caption_text(["", "  ", "a dog", "a brown dog"]) == "a dog"
+    assert caption_text([]) is None and caption_text(["", None]) is None
+    assert caption_text(b"bytes caption") == "bytes caption"
+    assert caption_text([1, 2]) == [1, 2] and caption_text({"text": "x"}) == {"text": "x"}
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": pa.array([b"I0", b"I1", b"I2"], pa.binary()),
+                             "caption": pa.array([["a dog", "a brown dog"], [" ", "cat"], []], pa.list_(pa.string()))}),
+                   tmp_path / "pq" / "f.parquet")
+    (shard,) = plan_shards(str(tmp_path / "pq"), "parquet")
+    assert [r.caption for r in read_shard(shard)] == ["a dog", "cat", None]
+    (tmp_path / "wds").mkdir()
+    _tar(tmp_path / "wds" / "a.tar", [("k1.jpg", b"J1"), ("k1.json", b'{"caption": ["first", "second"]}')])
+    (shard,) = plan_shards(str(tmp_path / "wds"), "webdataset")
+    assert [(r.caption, r.error) for r in read_shard(shard)] == [("first", None)]
+
+
+def test_parquet_class_count_comes_from_hugging_face_features(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = {"info": {"features": {"image": {"_type": "Image"},
+                                      "label": {"names": ["cat", "dog", "fish"], "_type": "ClassLabel"}}}}
+    table = pa.table({"image": pa.array([b"I0", b"I1"], pa.binary()), "label": pa.array([2, 3], pa.int64())})
+    pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(features)}), tmp_path / "f.parquet")
+    (shard,) = plan_shards(str(tmp_path), "parquet")
+    assert [(r.label, r.num_classes) for r in read_shard(shard)] == [(2, 3), (3, 3)]
+    assert declared_classes({b"huggingface": b'{"info": {"features": {"label": {"_type": "Value"}}}}'}, "label") is None
+    assert declared_classes(None, "label") is None and declared_classes({b"huggingface": b"not json"}, "label") is None

@@ -192,3 +192,38 @@ def test_optional_text_embedding_column(tmp_path):
     with pytest.raises(ValueError, match="missing column 'text_embedding'"):
         w.write(1, "fp", {"tokens": np.zeros((1, 8), int), "grid_h": [2], "grid_w": [4], "caption": ["a"],
                           "source": ["x"], "aug": [0]}, [], 1)
+
+
+def test_reader_refuses_shards_changed_after_the_manifest(tmp_path):
+    """A finished run (tokenizer A), then a rerun with tokenizer B into the same directory that stopped
+    after one shard: the old manifest must not vouch for the mix (it used to: 8 rows of both runs)."""
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    for k in range(2):
+        w.write(k, f"A-{k}", _rows(3, 8, 512, seed=k, label0=3 * k), [], 3)
+    w.finalize(2, {"tokenizer": {"weights_sha256": "A"}})
+    assert len(load_tokens(str(tmp_path))["tokens"]) == 6
+    w.write(0, "B-0", _rows(5, 8, 512, seed=9), [], 5)  # what a B run writes if it skips invalidate_manifest
+    with pytest.raises(ValueError, match=r"shard-000000.parquet is \d+ bytes but manifest.json says \d+"):
+        load_tokens(str(tmp_path))
+    # The row count the manifest recorded is checked too, where a shard is read whole anyway.
+    w.write(0, "A-0", _rows(3, 8, 512, seed=0), [], 3)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["shards"][0]["rows"] = 4
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="holds 3 rows but manifest.json says 4"):
+        load_tokens(str(tmp_path))
+    (tmp_path / "shards" / "shard-000001.parquet").unlink()
+    with pytest.raises(ValueError, match="shard-000001.parquet is listed in manifest.json but missing"):
+        load_tokens(str(tmp_path))
+
+
+def test_invalidate_manifest_removes_what_the_finished_run_left(tmp_path):
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    assert not w.invalidate_manifest()  # nothing to remove: fine
+    w.write(0, "A-0", _rows(3, 8, 512), [{"source": "x", "reason": "not an image"}], 4)
+    w.finalize(1, {})
+    assert w.invalidate_manifest()
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "quarantine.jsonl").exists()
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_tokens(str(tmp_path))
+    assert w.is_complete(0, "A-0")  # shards and their records are kept: a same-settings rerun still resumes

@@ -121,6 +121,7 @@ def ten_crop(img: Image.Image, image_size: int, crop_range: float = 1.1) -> list
     """LlamaGen-style ten-crop: centre-crop to int(image_size * crop_range), then five crops of
     `image_size` (order: centre, top-left, top-right, bottom-left, bottom-right) and their mirrors
     (aug 5 + k is crop k flipped left-right)."""
+    check_crop_range(crop_range)
     big = resize_crop(img, int(image_size * crop_range), int(image_size * crop_range))
     H, W = big.shape[:2]
     s = image_size
@@ -139,6 +140,14 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 AUGMENTS = {"none": 1, "flip": 2, "ten-crop": 10}
 
 
+def check_crop_range(crop_range: float) -> None:
+    """Ten-crop cuts `image_size` crops out of a square `image_size * crop_range` on a side: below 1
+    that square is smaller than a crop and numpy slicing silently returns clipped, misplaced crops."""
+    if not (math.isfinite(crop_range) and crop_range >= 1):
+        raise ValueError(f"crop_range must be a finite number >= 1 (ten-crop takes crops from a centre crop "
+                         f"crop_range times the image size), got {crop_range}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """How an image becomes one or more fixed-size crops (rows). `buckets` (w, h) for caption sets."""
@@ -153,6 +162,7 @@ class Preprocess:
             raise ValueError(f"augment must be one of {sorted(AUGMENTS)}, got {self.augment!r}")
         if self.buckets and self.augment == "ten-crop":
             raise ValueError("ten-crop needs a square image size; it cannot be combined with aspect-ratio buckets")
+        check_crop_range(self.crop_range)  # for every augment: a bad value is a mistake even where it goes unused
 
     @property
     def n_aug(self) -> int:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import time
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -112,6 +113,33 @@ def _chunk(records: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
+def label_problem(label, num_classes: int | None = None) -> str | None:
+    """Why `label` cannot be a row's class id, or None. Negative labels are refused because
+    Hugging Face marks unlabelled rows with -1 (and a negative id indexes no class embedding);
+    ids >= `num_classes`, when the source declares its classes, name no class either."""
+    if label is None:
+        return "no label"
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        return f"label is not an integer: {type(label).__name__}"
+    if label < 0:
+        return f"negative label {label} (unlabelled)" if label == -1 else f"negative label {label}"
+    if num_classes is not None and label >= num_classes:
+        return f"label {label} out of range: the source declares {num_classes} classes"
+    return None
+
+
+def caption_problem(caption) -> str | None:
+    """Why `caption` cannot be a row's caption, or None: missing or blank (whitespace tokenizes to
+    nothing, so the row would be unconditional), or not text (never store a Python repr)."""
+    if caption is None:
+        return "no caption"
+    if not isinstance(caption, str):
+        return f"caption is not a string: {type(caption).__name__}"
+    if not caption.strip():
+        return "no caption"
+    return None
+
+
 def shard_records(shard: InputShard, preprocess: Preprocess, limits: DecodeLimits, target: str,
                   columns: Columns = Columns()) -> Iterator[dict]:
     """Every record of one input shard: "row" (a crop to tokenize), "bad" (quarantine), then one "end"."""
@@ -120,10 +148,10 @@ def shard_records(shard: InputShard, preprocess: Preprocess, limits: DecodeLimit
         seen += 1
         base = {"shard": shard.shard_id, "index": rec.index, "source": rec.source}
         reason = rec.error
-        if reason is None and target == "label" and rec.label is None:
-            reason = "no label"
-        if reason is None and target == "caption" and not rec.caption:
-            reason = "no caption"
+        if reason is None and target == "label":
+            reason = label_problem(rec.label, rec.num_classes)
+        if reason is None and target == "caption":
+            reason = caption_problem(rec.caption)
         crops = []
         if reason is None:
             try:
@@ -138,7 +166,7 @@ def shard_records(shard: InputShard, preprocess: Preprocess, limits: DecodeLimit
             continue
         for aug, arr in enumerate(crops):
             n_rows += 1
-            yield {**base, "aug": aug, "kind": "row", "label": rec.label if target == "label" else None,
+            yield {**base, "aug": aug, "kind": "row", "label": int(rec.label) if target == "label" else None,
                    "caption": rec.caption if target == "caption" else None,
                    "height": arr.shape[0], "width": arr.shape[1], "pixels": arr.tobytes()}
     yield {"shard": shard.shard_id, "index": -1, "aug": 0, "kind": "end", "source": "", "n_rows": n_rows, "n_bad": n_bad, "seen": seen}
@@ -287,12 +315,59 @@ def settings_fingerprint(cfg: PretokenizeConfig, tok: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
+# (cfg, shards to do, target, preprocess) -> (tokenized record batches, tokenizer device)
+Stream = Callable[[PretokenizeConfig, list, str, Preprocess], tuple]
+
+
+def ray_stream(cfg: PretokenizeConfig, todo: list[InputShard], target: str, pre: Preprocess) -> tuple[Iterator[dict[str, np.ndarray]], str]:
+    """The tokenized records of the shards in `todo` from a Ray Data pipeline on the connected
+    cluster (decode tasks -> tokenizer actor pool), and the tokenizer device."""
+    import ray
+
+    gpus = cfg.gpus_per_tokenizer
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    device = "cuda" if gpus else "cpu"
+    ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
+    decode_cpus = cfg.decode_cpus
+    if not gpus and decode_cpus == cfg.cpus_per_tokenizer:
+        decode_cpus = 0.999 * decode_cpus  # see PretokenizeConfig.decode_cpus: keep the stages apart
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_tokenizers * cfg.cpus_per_tokenizer + decode_cpus > cpus:
+        raise ValueError(f"{cfg.num_tokenizers} tokenizer actors x {cfg.cpus_per_tokenizer} CPU + {decode_cpus} CPU for "
+                         f"decoding exceed the cluster's {cpus:g} CPUs and would never be scheduled: "
+                         "lower num_tokenizers or cpus_per_tokenizer")
+    ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
+                        fn_kwargs=dict(preprocess=pre, limits=cfg.limits(), target=target, columns=cfg.columns,
+                                       chunk_size=cfg.chunk_size))
+    ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizers),
+                        num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
+                        fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device=device,
+                                                   batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
+    return ds.iter_batches(batch_size=None, batch_format="numpy"), device
+
+
+def local_stream(cfg: PretokenizeConfig, todo: list[InputShard], target: str, pre: Preprocess) -> tuple[Iterator[dict[str, np.ndarray]], str]:
+    """The same two stages in this process, without Ray, tokenizing on the CPU: the driver's resume,
+    manifest and quarantine logic can then be run and tested on its own."""
+    actor = TokenizeActor(cfg.tokenizer, "cpu", cfg.batch_size)
+
+    def batches():
+        for s in todo:
+            shard = {"shard": np.array([s.to_json()], dtype=object)}
+            for chunk in decode_shards(shard, pre, cfg.limits(), target, cfg.columns, cfg.chunk_size):
+                yield actor(chunk)
+
+    return batches(), "cpu"
+
+
+def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True, stream: Stream | None = None) -> dict:
     """Run (or resume) a pretokenize job on the connected Ray cluster; returns the summary.
 
-    `summary["complete"]` is False only when `max_new_shards` stopped the run early.
+    `summary["complete"]` is False only when `max_new_shards` stopped the run early. `stream`
+    (default `ray_stream`) yields the tokenized records of the shards to do.
     """
-    import ray
     from tqdm import tqdm
 
     t0 = time.time()
@@ -317,39 +392,25 @@ def run_pretokenize(cfg: PretokenizeConfig, progress: bool = True) -> dict:
     new_recs = []
     device = None
     if todo:
-        gpus = cfg.gpus_per_tokenizer
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        device = "cuda" if gpus else "cpu"
-        ds = ray.data.from_items([{"shard": s.to_json()} for s in todo], override_num_blocks=len(todo))
-        decode_cpus = cfg.decode_cpus
-        if not gpus and decode_cpus == cfg.cpus_per_tokenizer:
-            decode_cpus = 0.999 * decode_cpus  # see PretokenizeConfig.decode_cpus: keep the stages apart
-        cpus = ray.cluster_resources().get("CPU", 0)
-        if cfg.num_tokenizers * cfg.cpus_per_tokenizer + decode_cpus > cpus:
-            raise ValueError(f"{cfg.num_tokenizers} tokenizer actors x {cfg.cpus_per_tokenizer} CPU + {decode_cpus} CPU for "
-                             f"decoding exceed the cluster's {cpus:g} CPUs and would never be scheduled: "
-                             "lower num_tokenizers or cpus_per_tokenizer")
-        ds = ds.map_batches(decode_shards, batch_size=1, batch_format="numpy", num_cpus=decode_cpus,
-                            fn_kwargs=dict(preprocess=pre, limits=cfg.limits(), target=target, columns=cfg.columns,
-                                           chunk_size=cfg.chunk_size))
-        ds = ds.map_batches(TokenizeActor, batch_size=cfg.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=cfg.num_tokenizers),
-                            num_gpus=gpus, num_cpus=cfg.cpus_per_tokenizer,
-                            fn_constructor_kwargs=dict(tokenizer_dir=cfg.tokenizer, device=device,
-                                                       batch_size=cfg.batch_size, threads=max(1, round(cfg.cpus_per_tokenizer))))
+        batches, device = (stream or ray_stream)(cfg, todo, target, pre)
         assembler = ShardAssembler(target, writer.np_dtype)
         bar = tqdm(total=len(todo), desc="shards written", disable=not progress)
         limit = cfg.max_new_shards if cfg.max_new_shards is not None else len(todo)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             for s in assembler.add(batch):
                 if len(new_recs) >= limit:
                     break
+                if not new_recs:
+                    # A shard is about to change: a manifest from an earlier run (other settings, or inputs
+                    # since changed) would go on vouching for shards it no longer describes. Gone until
+                    # `finalize` writes one for this run's shards.
+                    writer.invalidate_manifest()
                 cols, quarantine, seen = assembler.take(s)
                 new_recs.append({**writer.write(s, fingerprints[s], cols, quarantine, seen), "at_s": time.time() - t0})
                 bar.update(1)
             if len(new_recs) >= limit:
                 break  # stops the stream; a partial run (or a kill) is finished by rerunning
+        del batches  # closes a generator stream now; Ray's pipeline stopped when the loop dropped its iterator
         bar.close()
         if len(new_recs) < limit:
             raise RuntimeError(f"the stream ended with {len(todo) - len(new_recs)} shards unwritten "

@@ -22,7 +22,10 @@ Row schema (SCHEMA_VERSION 1):
 
 Crash safety: each file is written under a hidden temporary name and renamed into place; the
 completion record is written last. A shard without a valid completion record is not complete
-(a rerun redoes it), and readers only trust shards listed in manifest.json.
+(a rerun redoes it), and readers only trust shards listed in manifest.json. A run removes an
+existing manifest before it changes any shard (`invalidate_manifest`), and readers check each
+listed shard's size against the manifest, so a rerun with other settings that stops part way
+cannot leave an old manifest vouching for a mix of old and new shards.
 """
 from __future__ import annotations
 
@@ -133,6 +136,15 @@ class TokenShardWriter:
         for path in stale:
             self.dir.fs.delete_file(path)
         return len(stale)
+
+    def invalidate_manifest(self) -> bool:
+        """Delete manifest.json and the merged quarantine list (both describe the shards as a finished
+        run left them) before a shard is (re)written; `finalize` writes new ones. True if one existed."""
+        existed = self.dir.exists(MANIFEST)
+        for name in (MANIFEST, QUARANTINE):  # the manifest first: without it nothing trusts the rest
+            if self.dir.exists(name):
+                self.dir.fs.delete_file(self.dir.path(name))
+        return existed
 
     # -- completion records ------------------------------------------------------------------
     def done_record(self, shard_id: int) -> dict | None:
@@ -248,11 +260,40 @@ def read_manifest(shard_dir: str) -> dict:
     return m
 
 
+class StaleManifest(ValueError):
+    """The shards on disk are not the ones manifest.json lists (changed after it was written)."""
+
+
 def shard_files(shard_dir: str) -> tuple[pafs.FileSystem, list[str]]:
-    """(filesystem, paths) of the shards listed in the manifest, in shard order."""
+    """(filesystem, paths) of the shards listed in the manifest, in shard order, after checking each
+    one's size against the manifest: one directory listing, so cheap on object stores too."""
     m = read_manifest(shard_dir)
     d = _Dir(str(shard_dir))
-    return d.fs, [d.path(s["file"]) for s in m["shards"]]
+    paths = [d.path(s["file"]) for s in m["shards"]]
+    sizes = {}  # keyed (folder, name), not by the path string a listing happens to spell
+    for parent in sorted({posixpath.dirname(p) for p in paths}):
+        try:
+            sizes.update(((parent, posixpath.basename(i.path)), i.size) for i in d.fs.get_file_info(pafs.FileSelector(parent))
+                         if i.type == pafs.FileType.File)
+        except FileNotFoundError:
+            pass
+    for s, path in zip(m["shards"], paths):
+        size = sizes.get((posixpath.dirname(path), posixpath.basename(path)))
+        if size is None:
+            raise StaleManifest(f"{shard_dir}: {s['file']} is listed in {MANIFEST} but missing; rerun pretokenize to rebuild it")
+        if s.get("bytes") is not None and size != s["bytes"]:
+            raise StaleManifest(f"{shard_dir}: {s['file']} is {size} bytes but {MANIFEST} says {s['bytes']}: the shards "
+                                "changed after the manifest was written (another pretokenize run into this directory?); "
+                                "rerun pretokenize with the settings you want to finish it")
+    return d.fs, paths
+
+
+def _check_rows(shard_dir: str, entry: dict, table: pa.Table) -> pa.Table:
+    """A shard read in full must hold the rows the manifest counted (free next to reading it)."""
+    if entry.get("rows") is not None and table.num_rows != entry["rows"]:
+        raise StaleManifest(f"{shard_dir}: {entry['file']} holds {table.num_rows} rows but {MANIFEST} says {entry['rows']}; "
+                            "rerun pretokenize to finish it")
+    return table
 
 
 def _grid_of(manifest: dict, table: pa.Table, grid: tuple[int, int] | None) -> tuple[pa.Table, tuple[int, int]]:
@@ -271,7 +312,8 @@ def load_tokens(shard_dir: str, grid: tuple[int, int] | None = None) -> dict[str
     """All rows of one grid as numpy: {"tokens": int64 (n, h*w), "label" or "caption", "grid": (h, w)}."""
     m = read_manifest(shard_dir)
     fs, files = shard_files(shard_dir)
-    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files]) if files else None
+    table = pa.concat_tables([_check_rows(shard_dir, s, pq.read_table(f, filesystem=fs))
+                              for s, f in zip(m["shards"], files)]) if files else None
     if table is None or table.num_rows == 0:
         raise ValueError(f"{shard_dir}: no rows")
     table, (h, w) = _grid_of(m, table, grid)

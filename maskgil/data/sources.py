@@ -8,9 +8,12 @@ every run, and a rerun can tell which shards are already done (by id and fingerp
 - ImageNet folder `<root>/<class_dir>/<file>`: label = index of the class folder in sorted order;
   every file counts as an input (non-images are quarantined, not skipped). Shards of
   `rows_per_shard` files from the sorted listing.
-- Parquet: every row is an input; shards are row ranges that never cross files.
+- Parquet: every row is an input; shards are row ranges that never cross files. A list of
+  captions per row gives its first non-empty one (`caption_text`); a Hugging Face ClassLabel in
+  the schema metadata gives the class count labels are checked against.
 - WebDataset: one shard per tar; a sample is the members sharing a key (path up to the first dot
-  of the basename, the webdataset convention).
+  of the basename, the webdataset convention). A tar that ends before its end-of-archive marker
+  (cut off) gives one extra record, quarantined, standing for the samples lost with the rest.
 Paths are local or any URI pyarrow's filesystems understand (s3://, gs://, hdfs://).
 """
 from __future__ import annotations
@@ -66,8 +69,41 @@ class InputRecord:
     source: str
     data: bytes | None
     label: int | None = None
-    caption: str | None = None
+    caption: str | None = None  # `caption_text` of what the source holds: not a str when unusable
     error: str | None = None
+    num_classes: int | None = None  # how many classes the source declares (Hugging Face ClassLabel); None: unknown
+
+
+def caption_text(value):
+    """A source's caption value as text, for one row per image.
+
+    A list (caption sets that store several captions per image, COCO style, as a list<string>
+    column or a JSON array) gives its first non-empty string: a fixed choice, so reruns agree, and
+    never the list's Python repr. An all-empty list gives None ("no caption"); bytes are decoded as
+    UTF-8. Anything else comes back unchanged, and the caller quarantines it when it needs a caption."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        texts = [v for v in value if isinstance(v, str) and v.strip()]
+        if texts:
+            return texts[0]
+        return None if all(v is None or isinstance(v, str) for v in value) else value
+    return value
+
+
+def declared_classes(metadata: dict | None, column: str) -> int | None:
+    """Class count of `column` from the Hugging Face features that `datasets` stores in the Parquet
+    schema metadata (a ClassLabel's names), so labels outside it can be refused; None when absent."""
+    try:
+        feature = json.loads((metadata or {})[b"huggingface"])["info"]["features"][column]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+        return None
+    names, n = feature.get("names"), feature.get("num_classes")
+    if isinstance(names, list) and names:
+        return len(names)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _files(fs: pafs.FileSystem, root: str, recursive: bool = True) -> list[pafs.FileInfo]:
@@ -169,6 +205,7 @@ def _read_parquet_rows(fs, root: str, shard: InputShard, columns: Columns) -> It
             first = offset if first is None else first
         offset += n
     table = pf.read_row_groups(groups, columns=wanted).slice(start - first, stop - start)
+    num_classes = declared_classes(pf.schema_arrow.metadata, columns.label)
     images = table.column(columns.image).to_pylist()
     labels = table.column(columns.label).to_pylist() if columns.label in names else [None] * len(images)
     captions = table.column(columns.caption).to_pylist() if columns.caption in names else [None] * len(images)
@@ -176,18 +213,44 @@ def _read_parquet_rows(fs, root: str, shard: InputShard, columns: Columns) -> It
         source = f"{rel}#{start + j}"
         data = img.get("bytes") if isinstance(img, dict) else img
         error = None if data else "no image bytes in row"
-        yield InputRecord(j, source, data, label=label, caption=caption, error=error)
+        yield InputRecord(j, source, data, label=label, caption=caption_text(caption), error=error, num_classes=num_classes)
+
+
+class _EndTarInfo(tarfile.TarInfo):
+    """Remembers on the archive why the last header read failed. Reading stops quietly at the
+    first header that is all zeros (the end-of-archive marker), but also at one cut short by
+    the end of the file or one that does not parse: only the marker means the tar is whole."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.maskgil_end = e
+            raise
+
+
+def _tar_end_problem(tar: tarfile.TarFile, index: int) -> str | None:
+    """Why reading stopped before the end-of-archive marker, or None when it reached it."""
+    end = getattr(tar, "maskgil_end", None)
+    if end is None or isinstance(end, tarfile.EOFHeaderError):
+        return None
+    if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        where = "inside a member header" if isinstance(end, tarfile.TruncatedHeaderError) else "at a member boundary"
+        return f"truncated tar after {index} samples: the file ends {where}, without the end-of-archive blocks"
+    return f"unreadable tar after {index} samples: {type(end).__name__}: {end}"
 
 
 def _read_tar(fs, root: str, shard: InputShard) -> Iterator[InputRecord]:
     """Stream a tar: members of a sample are contiguous (webdataset rule), so a sample is complete
-    when the key changes and memory holds one sample at a time."""
+    when the key changes and memory holds one sample at a time. A tar that stops without its
+    end-of-archive marker (cut off by a failed copy) ends with one record for the lost rest."""
     (rel, _), = shard.items
     index, key, parts = 0, None, {}
     done: set[str] = set()
     try:
         with fs.open_input_stream(posixpath.join(root, rel)) as raw:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndTarInfo) as tar:
                 for m in tar:
                     if not m.isfile() or posixpath.basename(m.name).startswith("."):
                         continue
@@ -210,16 +273,23 @@ def _read_tar(fs, root: str, shard: InputShard) -> Iterator[InputRecord]:
         return
     if key is not None:
         yield _tar_record(index, rel, key, parts, key in done)
+        index += 1
+    problem = _tar_end_problem(tar, index)
+    if problem is not None:
+        yield InputRecord(index, rel, None, error=problem)
 
 
 def _tar_record(index: int, rel: str, key: str, parts: dict[str, bytes], repeated: bool) -> InputRecord:
-    meta = {}
+    meta, meta_error = {}, None
     if "json" in parts:
         try:
             meta = json.loads(parts["json"])
         except ValueError:
             meta = {}
-    caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else meta.get("caption")
+        if not isinstance(meta, dict):  # e.g. [1, 2] or null: no caption/label to read, and not what a downloader writes
+            meta_error = f"json metadata is not an object: {type(meta).__name__}"
+            meta = {}
+    caption = parts["txt"].decode("utf-8", "replace") if "txt" in parts else caption_text(meta.get("caption"))
     label = None
     if "cls" in parts:
         try:
@@ -234,4 +304,6 @@ def _tar_record(index: int, rel: str, key: str, parts: dict[str, bytes], repeate
         return InputRecord(index, source, None, label=label, caption=caption, error="sample members not contiguous in tar")
     if ext is None:
         return InputRecord(index, source, None, label=label, caption=caption, error="no image in sample")
+    if meta_error is not None:
+        return InputRecord(index, source, None, label=label, caption=caption, error=meta_error)
     return InputRecord(index, source, parts[ext], label=label, caption=caption)
