@@ -7,7 +7,7 @@ import torch
 
 from maskgil.checkpoint import CheckpointMismatchError, load_pretrained, save_pretrained
 from maskgil.models import build_model, load_llamagen_gpt, preset_config
-from maskgil.models.llama import LlamaConfig, LlamaGenerator, ffn_hidden_dim
+from maskgil.models.llama import HeadNorm, LlamaConfig, LlamaGenerator, ffn_hidden_dim
 from maskgil.models.rope import apply_rope, rope_table
 from maskgil.training import cpu_compile_available
 
@@ -83,6 +83,31 @@ def test_rope_2d_layout_matches_hand_rotation():
     for idx in [0, 4, 7, 14]:
         r, c = divmod(idx, w)
         torch.testing.assert_close(y[0, 0, 1 + idx].double(), hand_rotate(x[0, 0, 1 + idx], r, c), atol=1e-5, rtol=1e-5)
+
+
+def test_model_rotates_by_row_then_column_on_non_square_grid():
+    """On a 3x5 grid token i sits at (i // 5, i % 5): the model's attention must rotate its first
+    half of the rotary pairs by that row and the second half by that column (the class token not
+    at all). Swapping h and w still runs on a 3x5 grid, but rotates by (i // 3, i % 3)."""
+    h, w, H, Dh = 3, 5, 4, 16
+    m = small(n_layers=1, qk_norm="none", grid_size=(h, w))
+    att = m.layers[0].attention
+    with torch.no_grad():
+        att.wqkv.weight.mul_(10)  # sharp attention, so a wrong rotation moves the output visibly
+    seen = {}
+    att.register_forward_hook(lambda mod, args, out: seen.update(x=args[0][0], out=out[0]))
+    m(torch.randint(0, 37, (1, h * w)), torch.tensor([2]), grid=(h, w))
+    x = seen["x"].double()  # (L, D): the attention's input
+    L, D = x.shape
+    q, k, v = (x @ att.wqkv.weight.double().T).view(L, 3, H, Dh).permute(1, 2, 0, 3)  # 3 x (H, L, Dh)
+
+    def rotate(t):  # (H, L, Dh): prefix position untouched, image token i by (row, col) = divmod(i, w)
+        return torch.stack([torch.stack([t[hd, 0]] + [hand_rotate(t[hd, 1 + i], *divmod(i, w)) for i in range(h * w)])
+                            for hd in range(H)])
+
+    y = torch.softmax(rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(Dh), -1) @ v  # bidirectional
+    ref = y.transpose(0, 1).reshape(L, D) @ att.wo.weight.double().T
+    torch.testing.assert_close(seen["out"].double(), ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not cpu_compile_available(), reason="torch.compile (inductor) needs a C++ compiler on CPU")
@@ -163,6 +188,29 @@ def test_qk_norm_normalises_each_head_before_rope():
     assert small(qk_norm="none").layers[0].attention.q_norm is None
 
 
+def test_rmsnorm_qk_norm_divides_each_head_by_its_rms():
+    """qk_norm="rmsnorm": x * rsqrt(mean(x^2) + eps) * weight over head_dim, per head; no bias."""
+    norm = HeadNorm(4, 16, "rmsnorm", eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 7, 16) * 10
+    ref = x / torch.sqrt((x * x).sum(-1, keepdim=True) / 16 + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
+    assert norm.bias is None
+
+
+def test_rmsnorm_qk_norm_changes_the_model():
+    """With the same weights, a model with qk_norm="rmsnorm" must not compute what "none" does
+    (at unit norm weights that only holds if q and k really are normalised)."""
+    with_norm, without = small(qk_norm="rmsnorm"), small(qk_norm="none")
+    _, unexpected = without.load_state_dict(with_norm.state_dict(), strict=False)
+    assert unexpected and all(".q_norm." in k or ".k_norm." in k for k in unexpected)
+    toks, cond = torch.randint(0, 37, (2, 16)), torch.tensor([1, 4])
+    a, b = with_norm(toks, cond), without(toks, cond)
+    assert torch.isfinite(a).all() and a.shape == (2, 16, 37)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
 def test_post_norm_bounds_branch_output():
     # Sandwich norm: x_out - x_in after the attention branch is RMS-normalised (unit RMS, weight 1).
     m = small(post_norm=True)
@@ -175,6 +223,30 @@ def test_post_norm_bounds_branch_output():
     rms = h.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
     assert small(post_norm=False).layers[0].attention_post_norm is None
+
+
+def rms_norm(t, weight, eps=1e-5):
+    return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_block_forward_is_sandwich_or_pre_norm(post_norm):
+    """Sandwich Post-Norm (Lumina-Next): h = x + post_attn(attn(attn_norm(x))), out = h +
+    post_ffn(ffn(ffn_norm(h))); without post_norm the plain pre-norm block. Random norm weights
+    make a missing, extra or swapped norm show."""
+    m = small(post_norm=post_norm)
+    blk = m.layers[0]
+    norms = ["attention_norm", "ffn_norm"] + (["attention_post_norm", "ffn_post_norm"] if post_norm else [])
+    with torch.no_grad():
+        for name in norms:
+            getattr(blk, name).weight.uniform_(0.3, 2.0)
+    w = {name: getattr(blk, name).weight for name in norms}
+    post = (lambda t, name: rms_norm(t, w[name])) if post_norm else (lambda t, name: t)
+    x = torch.randn(2, 17, 64) * 3
+    table = m.rope((4, 4), x.device)
+    h = x + post(blk.attention(rms_norm(x, w["attention_norm"]), table), "attention_post_norm")
+    ref = h + post(blk.feed_forward(rms_norm(h, w["ffn_norm"])), "ffn_post_norm")
+    torch.testing.assert_close(blk(x, table), ref, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- sizes and loading
@@ -265,6 +337,21 @@ def test_llamagen_compat_forward_matches_independent_reference():
     torch.testing.assert_close(compat(toks, cls), ref, atol=2e-4, rtol=2e-4)
     ours = load_llamagen_gpt(sd, preset="llamagen-b", compat=False, n_heads=4, grid_size=(4, 4), multiple_of=32)
     assert not torch.allclose(ours(toks, cls), ref, atol=1e-3)  # identity prefix rotation differs
+
+
+# ---------------------------------------------------------------- Bidirectional Transformer baseline
+def test_transformer_smaller_grid_adds_top_left_block_of_position_table():
+    """A 4x6 grid inside the 8x8 table: token (r, c) gets pos_embedding[r, c], not row r*6+c of
+    the flattened table (that would give token (1, 0) the entry of (0, 6))."""
+    m = build_model("transformer-tiny", n_layers=1).eval()
+    h, w = 4, 6
+    seen = {}
+    m.emb_norm.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    toks, cond = torch.randint(0, 512, (2, h * w)), torch.tensor([3, 16])
+    m(toks, cond, grid=(h, w))
+    added = seen["x"] - torch.cat([m.cls_embedding(cond)[:, None], m.tok_embeddings(toks)], 1)  # (B, 1 + N, D)
+    expected = torch.stack([m.cls_pos[0]] + [m.pos_embedding[i // w, i % w] for i in range(h * w)])
+    torch.testing.assert_close(added, expected.expand_as(added))
 
 
 # ---------------------------------------------------------------- checkpoints

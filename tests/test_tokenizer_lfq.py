@@ -51,6 +51,30 @@ def test_entropy_terms_match_enumeration(temperature):
     assert 0 <= codebook.item() <= 6 * math.log(2) + 1e-5
 
 
+def test_entropy_loss_is_weighted_per_sample_minus_codebook_entropy():
+    """MAGVIT-v2 / Open-MAGVIT2 sign: loss = w * (mean per-token entropy - entropy of the batch
+    average), so minimising it makes each token sure of its code and the batch use many codes."""
+    q = LFQuantizer(bits=4, beta=0.25, entropy_weight=0.3, temperature=0.5, chunk=5, usage_window=8)
+    z = torch.randn(2, 4, 2, 3) * 0.4  # (B, D, h, w): 12 tokens of 4 bits
+    _, losses, _ = q(z)
+    per_sample, codebook = hand_entropy_terms(z.permute(0, 2, 3, 1).reshape(-1, 4), 0.5)
+    assert losses["entropy"].item() == pytest.approx(0.3 * (per_sample - codebook).item(), rel=1e-4, abs=1e-6)
+
+
+def test_entropy_loss_rewards_confident_tokens_spread_over_the_codebook():
+    """Hand values: tokens sure of distinct codes covering all 16 give 0 - log 16; tokens sure of one
+    shared code give 0 - 0; tokens with z = 0 (every code equally likely) give log 16 - log 16."""
+    q = LFQuantizer(bits=4, beta=0.25, entropy_weight=0.3, temperature=0.01, chunk=16, usage_window=8)
+    every_code = torch.tensor(list(itertools.product([1.0, -1.0], repeat=4)))  # (16 tokens, 4 bits)
+
+    def entropy_loss(tokens):  # (N, 4) -> the quantiser's entropy loss for a (1, 4, 1, N) latent
+        return q(tokens.t().reshape(1, 4, 1, -1))[1]["entropy"].item()
+
+    assert entropy_loss(every_code) == pytest.approx(-0.3 * math.log(16), abs=1e-5)
+    assert entropy_loss(every_code[:1].expand(16, 4)) == pytest.approx(0.0, abs=1e-5)
+    assert entropy_loss(torch.zeros(16, 4)) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_chunked_entropy_equals_dense_values_and_gradients():
     z = (torch.randn(50, 7, dtype=torch.float64) * 0.02).requires_grad_(True)
     dense = lfq_entropy_terms(z, 0.01, chunk=None)
