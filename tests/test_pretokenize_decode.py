@@ -90,6 +90,21 @@ def test_alpha_is_composited_over_white():
     assert np.abs(out[0, 0] - np.round(255 + (np.array([10, 200, 10]) - 255) * 128 / 255)).max() <= 1
 
 
+@pytest.mark.parametrize("mode,key,other", [("RGB", (10, 200, 10), (200, 50, 30)), ("L", 77, 5)])
+def test_colour_key_transparency_is_composited_over_white(mode, key, other):
+    """An RGB or grey PNG may mark one colour transparent (tRNS chunk): a viewer shows white there,
+    so must the decoder; every other colour, the key's neighbours included, stays as it is."""
+    shape = (40, 48, 3) if mode == "RGB" else (40, 48)
+    arr = np.empty(shape, np.uint8)
+    arr[...] = key
+    arr[:, 24:] = other
+    arr[0, 24] = np.array(key) + 1  # one step from the key: opaque
+    out = np.asarray(decode_image(_save(Image.fromarray(arr, mode), "PNG", transparency=key)))
+    assert (out[:, :24] == 255).all()
+    rgb = np.repeat(arr[..., None], 3, axis=2) if mode == "L" else arr
+    assert (out[:, 24:] == rgb[:, 24:]).all()
+
+
 def test_exif_orientation_is_applied():
     img = Image.fromarray(RGB)
     exif = Image.Exif()

@@ -4,8 +4,9 @@ Decoding is per input, in our own code, so one bad file never takes good ones wi
 that cannot become a correct RGB image raises `BadImage(reason)` and the caller quarantines it.
 What *can* be converted correctly is converted:
 - grayscale (L, 1), palette (P), CMYK, YCbCr, HSV -> RGB;
-- alpha (RGBA, LA, PA, palette with transparency) -> composited over white (what a viewer shows;
-  a plain `convert("RGB")` would reveal whatever colour hides under transparent pixels);
+- alpha (RGBA, LA, PA, palette with transparency, and RGB / grey PNGs whose tRNS chunk names one
+  transparent colour) -> composited over white (what a viewer shows; a plain `convert("RGB")`
+  would reveal whatever colour hides under transparent pixels);
 - 16-bit grayscale (I;16*, I) -> 8 bit by v / 257 (exact mapping of 0..65535 onto 0..255);
 - EXIF orientation -> applied, so the pixels are upright as the camera meant;
 - a wrong file extension does not matter: the format is sniffed from the bytes.
@@ -51,9 +52,10 @@ def _over_white(img: Image.Image) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB correctly, or raise `BadImage`."""
     mode = img.mode
-    if mode == "RGB":
+    keyed = mode in ("P", "RGB", "L", "1") and "transparency" in img.info  # palette index or colour key
+    if mode == "RGB" and not keyed:
         return img
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+    if mode in _ALPHA_MODES or keyed:
         return _over_white(img)
     if mode == "P":
         return img.convert("RGB")
