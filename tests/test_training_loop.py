@@ -95,7 +95,7 @@ def test_loss_goes_down(preset):
                          ids=["maskgil", "llamagen_dropout"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, preset, overrides):
     """Stop at step 3 (mid-epoch), restore into fresh objects, finish: identical to 6 straight steps.
-    With dropout (on the CPU here) that needs the generator's state from the checkpoint too."""
+    With dropout too: each step seeds its own, so the checkpoint needs no generator state."""
     cfg = TrainConfig(preset=preset, max_steps=6, global_batch=8, lr=1e-3, checkpoint_every=3)
     data = synthetic_data(n=40, micro=4)  # 10 micro-batches per epoch, 5 steps: crosses an epoch
     ref, opt = make(preset, cfg, **overrides)
@@ -604,23 +604,46 @@ def test_every_training_run_file_loads():
         TrainConfig.from_dict(cfg["train"])
 
 
-# ---------------------------------------------------------------------------- RNG in checkpoints
-def test_checkpoint_restores_the_cpu_rng_and_resumes_on_cpu_from_a_gpu_checkpoint(tmp_path):
-    """A resumed run continues the CPU generator where the checkpoint left it (dropout on CPU draws
-    from it). A checkpoint written on a GPU also holds that device's CUDA RNG state; on a CPU it is
-    not needed and the checkpoint still loads."""
+# ---------------------------------------------------------------------------- dropout RNG
+def test_dropout_is_seeded_per_step_rank_and_micro_batch_not_by_the_process_generator():
+    """A step's dropout draws from a generator seeded by (run seed, step, rank, micro-batch). Seeded
+    once at start-up, every rank would drop the same activations of its different rows, and a
+    resumed run would need the generator's state from the checkpoint. The caller's generator is
+    left where it was."""
+    cfg = TrainConfig(preset="llamagen-tiny", global_batch=8, lr=1e-3)
+    batch = next(iter(synthetic_data(n=8, micro=8)((8, 8), 0)))
+
+    def loss(rank=0, step=0, token_dropout=0.5, scramble=0, micro=(batch,)):
+        model, opt = make("llamagen-tiny", cfg, token_dropout=token_dropout, class_dropout=0.0)  # causal: no masks
+        torch.manual_seed(scramble)  # whatever the process's generator holds
+        return train_step(model, opt, list(micro), cfg, step, (8, 8), rank=rank)["loss"]
+
+    base = loss()
+    assert loss(scramble=123) == base  # a restarted process drops what the first one did
+    assert loss(rank=1) != base  # another rank drops other activations
+    assert loss(step=1) != base  # so does another step (same weights: only the dropout differs)
+    assert loss(micro=(batch, batch)) != base  # two copies of one micro-batch drop different activations
+    assert loss(rank=1, token_dropout=0.0) == loss(token_dropout=0.0)  # control: without dropout rank plays no part
+
+    model, opt = make("llamagen-tiny", cfg, token_dropout=0.5, class_dropout=0.0)
+    torch.manual_seed(7)
+    expected = torch.rand(100)
+    torch.manual_seed(7)
+    train_step(model, opt, [batch], cfg, 0, (8, 8))
+    assert torch.equal(torch.rand(100), expected)
+
+
+def test_checkpoints_written_with_rng_state_still_load(tmp_path):
+    """Checkpoints no longer hold RNG state (the step seeds every draw); ones written when they did
+    (a CPU generator, and a CUDA one from a GPU run) load as before."""
     cfg = TrainConfig(global_batch=8)
     model, opt = make("maskgil-tiny", cfg)
-    torch.manual_seed(123)
     save_checkpoint(tmp_path, model, opt, {"step": 1})
-    expected = torch.rand(100)
     state = torch.load(tmp_path / TRAIN_STATE_NAME, weights_only=True)
-    assert "cuda_rng" not in state  # a CPU model: no CUDA state
-    model2, opt2 = make("maskgil-tiny", cfg, seed=5)
-    load_checkpoint(tmp_path, model2, opt2)
-    assert torch.equal(torch.rand(100), expected)
-    state["cuda_rng"] = torch.zeros(16, dtype=torch.uint8)  # as a GPU run writes it
+    assert not any("rng" in k for k in state)
+    state.update(torch_rng=torch.get_rng_state(), cuda_rng=torch.zeros(16, dtype=torch.uint8))
     torch.save(state, tmp_path / TRAIN_STATE_NAME)
-    torch.manual_seed(7)
+    model2, opt2 = make("maskgil-tiny", cfg, seed=5)
     assert load_checkpoint(tmp_path, model2, opt2)["step"] == 1
-    assert torch.equal(torch.rand(100), expected)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)

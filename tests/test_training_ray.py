@@ -190,7 +190,8 @@ def test_worker_killed_mid_run_resumes_to_the_uninterrupted_model_bit_for_bit(he
     """One command run twice (own run names) on shards spread over many files, 2 workers with a
     shuffle buffer: once straight through, once with rank 1 killed after step 5. FailureConfig
     restarts the group, training resumes from the last checkpoint, and the weights come out identical
-    to the uninterrupted run's: no step lost or repeated, and the same rows in the same order. That
+    to the uninterrupted run's: no step lost or repeated, the same rows in the same order, and the
+    same dropout (seeded by step and rank, so no generator state is restored). That
     needs data.preserve_order (the default): the Parquet reads may finish in any order but the rows
     reach the workers in file order (without it the quickstart's MaskGIL differed by 0.009 after 20
     steps, docs/quickstart_runs.md). Rerunning the finished command resumes and retrains nothing."""
@@ -206,7 +207,7 @@ def test_worker_killed_mid_run_resumes_to_the_uninterrupted_model_bit_for_bit(he
                 "--tracking-uri", f"sqlite:///{db}",
                 "--set", "train.max_steps=8", "train.global_batch=16", "train.checkpoint_every=2", "train.log_every=1",
                 "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, "
-                "num_classes: 4}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.max_failures=1",
+                "num_classes: 4, dropout: 0.2}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "run.max_failures=1",
                 f"run.storage_path={tmp_path / 'ray'}", "data.shuffle_buffer=64"]
 
     def run(name, **env):

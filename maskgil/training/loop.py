@@ -5,9 +5,9 @@ The paper's settings are the defaults: AdamW lr 1e-4, betas (0.9, 0.96), weight 
 global batch 256 (split over workers, then into gradient-accumulation micro-batches).
 
 Checkpoint = a `save_pretrained` directory (config.json + model.safetensors) plus `train_state.pt`
-(optimizer, step, data position, the CPU RNG and, when the model trains on a GPU, that device's CUDA
-RNG), loaded with `weights_only=True`. The learning-rate schedule is a pure function of the step,
-so the step *is* the scheduler state.
+(optimizer, step, data position), loaded with `weights_only=True`. The learning-rate schedule is a
+pure function of the step, and every random draw of a step (masks, condition dropout, dropout) is
+seeded from (run seed, step, rank, micro-batch), so the step *is* the scheduler and RNG state.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import math
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -156,10 +157,27 @@ def grid_at(step: int, cfg: TrainConfig, default: tuple[int, int]) -> tuple[int,
     return grid
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    """A seed unique to (run seed, step, rank, micro-batch): replaying a step replays its masks."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}/{micro}".encode()).digest()
+def step_seed(seed: int, step: int, rank: int, micro: int, stream: str = "") -> int:
+    """A seed unique to (run seed, step, rank, micro-batch[, stream]): replaying a step replays its
+    masks (stream "") and its dropout (stream "dropout")."""
+    key = f"{seed}/{step}/{rank}/{micro}" + (f"/{stream}" if stream else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def seeded_dropout(seed: int, device: torch.device):
+    """Seed the generator that `nn.Dropout` draws from on `device` (the CPU's, or that GPU's) for one
+    micro-batch, and put the caller's generator state back afterwards. Each rank then drops other
+    activations (seeded once at start-up, all ranks would drop the same ones of their different
+    rows), and a resumed run drops exactly what the uninterrupted one did without any saved state."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -218,11 +236,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     train_state = {
         "step": int(state["step"]), "epoch": int(state.get("epoch", 0)),
         "batches_in_epoch": int(state.get("batches_in_epoch", 0)),
-        "optimizer": optim_sd, "torch_rng": torch.get_rng_state(),
+        "optimizer": optim_sd,
     }
-    device = _model_device(model)
-    if device.type == "cuda":  # dropout on the GPU draws from that device's generator, not the CPU's
-        train_state["cuda_rng"] = torch.cuda.get_rng_state(device)
     tmp = path / (TRAIN_STATE_NAME + ".tmp")
     torch.save(train_state, tmp)
     tmp.replace(path / TRAIN_STATE_NAME)
@@ -238,19 +253,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise FileNotFoundError(f"{path} is not a training checkpoint (needs {WEIGHTS_NAME} and {TRAIN_STATE_NAME})")
     ts = torch.load(path / TRAIN_STATE_NAME, map_location="cpu", weights_only=True)
     load_full_state(model, load_file(str(path / WEIGHTS_NAME)), optimizer, ts["optimizer"] if optimizer else None)
-    torch.set_rng_state(ts["torch_rng"])
-    device = _model_device(model)
-    if device.type == "cuda" and "cuda_rng" in ts:  # absent: saved from CPU, or before it was saved
-        torch.cuda.set_rng_state(ts["cuda_rng"], device)
     return {k: ts[k] for k in ("step", "epoch", "batches_in_epoch")}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters (under FSDP2 this rank's shards) live."""
-    p = next(unwrap(model).parameters(), None)
-    if p is None:
-        return torch.device("cpu")
-    return p.to_local().device if hasattr(p, "to_local") else p.device
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -347,7 +350,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     scale = world_size / count  # float, or a 0-dim fp64 tensor (cast to the loss's fp32 at use)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (tokens, cond, text_mask, g, gen, mask) in enumerate(plan):
-        with no_grad_sync(model, enabled=i < len(plan) - 1), autocast:
+        dropout = seeded_dropout(step_seed(cfg.seed, step, rank, i, "dropout"), device)
+        with no_grad_sync(model, enabled=i < len(plan) - 1), autocast, dropout:
             out = compute_loss(model, base.config, tokens, cond, g, schedule=cfg.mask_schedule,
                                label_smoothing=cfg.label_smoothing, generator=gen, compiled=cfg.compile,
                                text_mask=text_mask, mask=mask)
