@@ -586,7 +586,7 @@ def test_run_config_rejects_values_that_would_fail_later():
            ("sample", "per_class", 0): "sample.per_class must be >= 1",
            ("sample", "temperature", 0.0): "sample.temperature must be a finite number > 0",
            ("sample", "temperature", float("inf")): "sample.temperature must be a finite number > 0",
-           ("sample", "top_k", -1): r"sample.top_k must be null, 0 \(off\) or >= 1"}
+           ("sample", "top_k", -1): r"sample.top_k must be None or 0 \(off\), or an integer >= 1"}
     for (section, key, value), message in bad.items():
         with pytest.raises(ValueError, match=message):
             load_run_config(None, {section: {key: value}})

@@ -13,6 +13,7 @@ import yaml
 
 from maskgil.checkpoint import typed_value
 from maskgil.models.presets import preset_config
+from maskgil.sampling.logits import check_sampling_args
 from maskgil.training.distributed import resolve_strategy
 from maskgil.training.loop import TrainConfig
 
@@ -45,9 +46,7 @@ RANGES = {"data.shuffle_buffer": (">= 0 (0: no local shuffle)", lambda v: v >= 0
           "scaling.threads_per_worker": (">= 1", lambda v: v >= 1),
           "scaling.cpus_per_worker": ("> 0", lambda v: v > 0), "scaling.gpus_per_worker": ("> 0", lambda v: v > 0),
           "run.max_failures": (">= -1 (-1: retry forever)", lambda v: v >= -1),
-          "sample.per_class": (">= 1", lambda v: v >= 1), "sample.steps": (">= 1", lambda v: v >= 1),
-          "sample.temperature": ("a finite number > 0", lambda v: 0 < v < float("inf")),
-          "sample.top_k": ("null, 0 (off) or >= 1", lambda v: v is None or v >= 0)}
+          "sample.per_class": (">= 1", lambda v: v >= 1), "sample.steps": (">= 1", lambda v: v >= 1)}
 
 
 def _merge(base: dict, new: dict, where: str) -> dict:
@@ -90,6 +89,10 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
                 accepted, ok = RANGES.get(name, (None, None))
                 if ok is not None and not ok(values[key]):
                     raise ValueError(f"{name} must be {accepted}, got {values[key]!r}")
+    try:  # the sampler's own check: the end-of-run grid accepts what the sampler does
+        check_sampling_args(cfg["sample"]["temperature"], cfg["sample"]["top_k"])
+    except ValueError as e:
+        raise ValueError(f"sample.{e}") from None
     train = TrainConfig.from_dict(cfg["train"])  # raises on unknown keys and wrong types (workers coerce alike)
     try:  # the model a worker will build: the preset exists and the overrides fit its config
         preset_config(train.preset, **train.model_overrides)
