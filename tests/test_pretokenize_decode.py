@@ -59,6 +59,20 @@ def test_sixteen_bit_grey_scales_by_257():
     assert np.array_equal(out[..., 0], expect) and np.array_equal(out[..., 2], expect)
 
 
+def test_thirty_two_bit_tiff_scales_by_its_own_white_level():
+    """A 32-bit integer TIFF (PIL mode I, like the 16-bit PNGs some readers give) scales by its
+    declared depth: signed 32-bit white is 2^31 - 1, so 65535 is near black there, not white."""
+    top = 2**31 - 1
+    v = np.tile(np.array([0, top, 2**30, 65535, 2**24], dtype=np.int32), (40, 8))
+    data = _save(Image.fromarray(v, "I"), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    out = np.asarray(decode_image(data))
+    assert out.shape == (40, 40, 3)
+    assert out[0, :5, 0].tolist() == [0, 255, 128, 0, 2]  # 2^24 * 255 / (2^31 - 1) = 1.99
+    with pytest.raises(BadImage, match="values outside"):
+        decode_image(_save(Image.fromarray(np.full((40, 48), -5, np.int32), "I"), "TIFF"))
+
+
 def test_sixteen_bit_rgb_keeps_the_high_byte():
     v = RNG.integers(0, 65536, (40, 48, 3)).astype(np.uint16)
     out = np.asarray(decode_image(_png16_rgb(v))).astype(int)

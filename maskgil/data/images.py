@@ -49,8 +49,22 @@ def _over_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB correctly, or raise `BadImage`."""
+def integer_full_scale(img: Image.Image) -> int:
+    """The white level of an integer-mode ("I*") image: 65535 for 16-bit files (PNG, 16-bit TIFF:
+    modes I;16*, or I from some readers), 2^32 - 1 or 2^31 - 1 for a 32-bit unsigned or signed TIFF
+    (mode I), from its BitsPerSample and SampleFormat tags. Read it before any transpose: copies
+    lose the file's tags."""
+    if img.mode == "I" and getattr(img, "format", None) == "TIFF":
+        tags = getattr(img, "tag_v2", {})
+        bits = int(tags.get(258, (32,))[0])
+        signed = int(tags.get(339, (1,))[0]) == 2
+        return (1 << (bits - signed)) - 1
+    return 65535
+
+
+def to_rgb(img: Image.Image, full_scale: int | None = None) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB correctly, or raise `BadImage`. `full_scale`: the white level
+    of an integer-mode image (`integer_full_scale` of the opened file; default from `img`)."""
     mode = img.mode
     keyed = mode in ("P", "RGB", "L", "1") and "transparency" in img.info  # palette index or colour key
     if mode == "RGB" and not keyed:
@@ -61,11 +75,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     if mode in _DIRECT_MODES:
         return img.convert("RGB")
-    if mode.startswith("I"):  # I;16, I;16B, I;16L, I (32-bit int, what some readers give 16-bit PNGs)
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I (a 32-bit TIFF, or what some readers give 16-bit PNGs)
+        full = integer_full_scale(img) if full_scale is None else full_scale
         arr = np.asarray(img).astype(np.int64)
-        if arr.min() < 0 or arr.max() > 65535:
-            raise BadImage(f"unsupported mode {mode}: values outside 0..65535")
-        grey = np.floor(arr / 257.0 + 0.5).astype(np.uint8)
+        if arr.min() < 0 or arr.max() > full:
+            raise BadImage(f"unsupported mode {mode}: values outside 0..{full}")
+        grey = np.floor(arr * (255.0 / full) + 0.5).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
     raise BadImage(f"unsupported mode {mode}")
 
@@ -84,6 +99,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
             if min(w, h) < limits.min_side:
                 raise BadImage(f"too small: {w}x{h}, short side < {limits.min_side}")
             img.load()
+            full_scale = integer_full_scale(img)
             img = ImageOps.exif_transpose(img)
     except BadImage:
         raise
@@ -95,7 +111,7 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
         msg = str(e).lower()
         kind = "truncated" if ("truncat" in msg or "premature" in msg or isinstance(e, EOFError)) else "corrupt"
         raise BadImage(f"{kind}: {type(e).__name__}: {e}") from None
-    return to_rgb(img)
+    return to_rgb(img, full_scale)
 
 
 # ---------------------------------------------------------------------------------------------
