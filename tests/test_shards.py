@@ -9,7 +9,7 @@ import torch
 
 from maskgil.data.pretokenize import ShardAssembler
 from maskgil.data.shards import (TokenShardWriter, bucket_batches, bucket_grids, is_bucketed, iter_token_batches,
-                                 load_tokens, read_manifest, token_dtype, token_schema)
+                                 label_range, load_tokens, read_manifest, token_dtype, token_schema)
 
 
 def _rows(n, n_tok, codebook, seed=0, label0=0):
@@ -192,6 +192,31 @@ def test_optional_text_embedding_column(tmp_path):
     with pytest.raises(ValueError, match="missing column 'text_embedding'"):
         w.write(1, "fp", {"tokens": np.zeros((1, 8), int), "grid_h": [2], "grid_w": [4], "caption": ["a"],
                           "source": ["x"], "aug": [0]}, [], 1)
+
+
+def test_label_range_from_the_footers_or_from_the_column(tmp_path):
+    """The labels' span over all shards, from the Parquet statistics; a file written without them
+    (another writer) is read instead. Caption shards have no labels."""
+    w = TokenShardWriter(str(tmp_path), 512, 8, "label")
+    w.write(0, "fp0", _rows(3, 8, 512, label0=7), [], 3)  # labels 7..9
+    w.write(1, "fp1", _rows(4, 8, 512, label0=2), [], 4)  # labels 2..5
+    w.finalize(2, {})
+    assert label_range(str(tmp_path)) == (2, 9)
+    path = tmp_path / "shards" / "shard-000000.parquet"
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("label"), "label", pa.array([-1, 12, 3], pa.int32()))
+    pq.write_table(t, path, write_statistics=False)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    assert all(group.column(j).statistics is None for j in range(group.num_columns))
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["shards"][0]["bytes"] = path.stat().st_size
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert label_range(str(tmp_path)) == (-1, 12)
+    c = TokenShardWriter(str(tmp_path / "captions"), 512, 8, "caption")
+    c.write(0, "fp", {"tokens": np.zeros((1, 8), int), "grid_h": [2], "grid_w": [4], "caption": ["a"],
+                      "source": ["x"], "aug": [0]}, [], 1)
+    c.finalize(1, {})
+    assert label_range(str(tmp_path / "captions")) is None
 
 
 def test_reader_refuses_shards_changed_after_the_manifest(tmp_path):

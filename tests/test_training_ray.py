@@ -151,17 +151,18 @@ def head(tmp_path_factory):
         yield f"127.0.0.1:{GCS_PORT}"
 
 
-def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8), target="label", buckets=None, files=1):
+def write_token_shards(out: Path, n=64, vocab=32, classes=4, grid=(8, 8), target="label", buckets=None, files=1,
+                       first_label=0):
     """A finished shard directory in the pretokenize format (TokenShardWriter + manifest); caption
     shards (`target="caption"`) carry one of `classes` captions per row instead of a label. With
     `buckets` ({grid: rows}) the rows have those grids, as aspect-ratio buckets give them. The rows
-    are split over `files` shard files."""
+    are split over `files` shard files; labels run from `first_label`."""
     from maskgil.data.shards import TokenShardWriter
 
     rng = np.random.default_rng(0)
     grids = [g for g, k in buckets.items() for _ in range(k)] if buckets else [grid] * n
     n = len(grids)
-    labels = np.arange(n) % classes
+    labels = np.arange(n) % classes + first_label
     tokens = [rng.integers(0, vocab, h * w) for h, w in grids]
     w = TokenShardWriter(str(out), vocab, None if buckets else grid[0] * grid[1], target)
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -299,6 +300,26 @@ def test_conditioning_must_match_the_shards(tmp_path):
         cfg = load_run_config(CONFIGS / config, {"data": {"shards": str(tmp_path / shards)},
                                                  "run": {"storage_path": str(tmp_path / "ray")}})
         cfg["train"]["model_overrides"] = {**cfg["train"]["model_overrides"], **tiny}
+        with pytest.raises(ValueError, match=want):
+            run_training(cfg)
+
+
+def test_labels_the_model_has_no_class_for_are_refused_before_any_ray_work(tmp_path):
+    """Labels beyond the model's num_classes (a tiny preset's 16 on 1000-class shards), or negative ones
+    (shards written before pretokenize quarantined unlabelled images), fail inside a worker as an
+    IndexError; the driver names the fix before Ray starts."""
+    from maskgil.training.ray_trainer import run_training
+    from maskgil.training.runconfig import load_run_config
+
+    write_token_shards(tmp_path / "four", classes=4, files=2)
+    write_token_shards(tmp_path / "minus", classes=4, first_label=-1)
+    tiny = {"n_layers": 1, "dim": 32, "n_heads": 2, "vocab_size": 32}
+    for shards, classes, want in (("four", 3, r"labels up to 3 but the model has num_classes=3: set "
+                                             r"train.model_overrides.num_classes=4"),
+                                  ("minus", 4, "class label -1: labels must be >= 0")):
+        cfg = load_run_config(CONFIGS / "train_maskgil_tiny.yaml", {"data": {"shards": str(tmp_path / shards)},
+                                                                      "run": {"storage_path": str(tmp_path / "ray")}})
+        cfg["train"]["model_overrides"] = {**cfg["train"]["model_overrides"], **tiny, "num_classes": classes}
         with pytest.raises(ValueError, match=want):
             run_training(cfg)
 

@@ -326,6 +326,33 @@ def load_tokens(shard_dir: str, grid: tuple[int, int] | None = None) -> dict[str
     return out
 
 
+def label_range(shard_dir: str) -> tuple[int, int] | None:
+    """(smallest, largest) class label over all shards, from the Parquet footers' statistics (a row
+    group without them reads its label column only): a trainer can refuse labels its model has no
+    class for before any worker starts. None for caption shards or shards without rows."""
+    fs, paths = shard_files(shard_dir)
+    lo = hi = None
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            for rg in range(meta.num_row_groups):
+                group = meta.row_group(rg)
+                cols = [group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == "label"]
+                if not cols:
+                    return None
+                if group.num_rows == 0:
+                    continue
+                st = cols[0].statistics
+                if st is not None and st.has_min_max:
+                    a, b = int(st.min), int(st.max)
+                else:
+                    values = pf.read_row_group(rg, columns=["label"]).column(0).to_numpy()
+                    a, b = int(values.min()), int(values.max())
+                lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
+    return None if lo is None else (lo, hi)
+
+
 def iter_token_batches(shard_dir: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                        grid: tuple[int, int] | None = None, drop_last: bool = False) -> Iterator[dict[str, Any]]:
     """One pass over the shards as torch batches: {"tokens": (B, h*w) long, "label": (B,) long, "grid": (h, w)}

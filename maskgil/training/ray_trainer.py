@@ -20,7 +20,7 @@ import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from maskgil.cluster import check_worker_group_fits, init_ray
-from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, token_dataset
+from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, label_range, token_dataset
 from maskgil.models import build_model
 from maskgil.precision import resolve_precision
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
@@ -306,6 +306,17 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
                          f"hold {manifest['target']}s: pretokenize with --target {want}, or set "
                          f"train.model_overrides.cond={'class' if want == 'caption' else 'text'}")
 
+    if want == "label":  # a label the class table has no row for fails inside a worker as an IndexError
+        n_classes = model_cfg.num_classes
+        for d in grids.values():
+            span = label_range(d)
+            if span and span[0] < 0:
+                raise ValueError(f"{d}: the token shards hold class label {span[0]}: labels must be >= 0 (shards "
+                                 "written before pretokenize quarantined unlabelled images); rerun pretokenize")
+            if span and span[1] >= n_classes:
+                raise ValueError(f"{d}: the token shards hold class labels up to {span[1]} but the model has "
+                                 f"num_classes={n_classes}: set train.model_overrides.num_classes={span[1] + 1} "
+                                 "(or more)")
     if not ray.is_initialized():
         init_ray(env={k: os.environ[k] for k in FAULT_ENV if k in os.environ}, log_to_driver=verbose > 0)
     use_gpu = bool(scaling["use_gpu"])
