@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="default 64 for -tiny presets, else 256")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=None, help="per worker")
+    p.add_argument("--shuffle-buffer", type=int, default=1024,
+                   help="rows each worker shuffles its stream in (an ImageNet shard is one class); 0 = file order")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--recon-loss", choices=["l1", "l2"], default=None)
     p.add_argument("--perceptual", choices=["auto", "lpips", "inception", "none"], default=None)
@@ -99,6 +101,8 @@ def parse_args(argv=None):
         tokenizer_config(args.preset, **args.model_overrides)
     except TypeError as e:
         p.error(f"--model-overrides: {e}")
+    if args.shuffle_buffer < 0:
+        p.error(f"--shuffle-buffer must be >= 0 (0: file order), got {args.shuffle_buffer}")
     return args
 
 
@@ -122,7 +126,7 @@ def main(argv=None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from maskgil.tokenizers.base import load_tokenizer
-    from maskgil.tokenizers.evaluate import evaluate_tokenizer
+    from maskgil.tokenizers.evaluate import evaluate_tokenizer, trained_perceptual
     from maskgil.tokenizers.training import save_recon_grid
 
     if not ray.is_initialized():
@@ -143,7 +147,8 @@ def main(argv=None) -> dict:
         if run_id is None:
             mlflow.log_params({**{f"train.{k}": v for k, v in dataclasses.asdict(train_config).items()},
                                "preset": args.preset, "data": args.data, "image_size": args.image_size,
-                               "steps": args.steps, "num_workers": args.num_workers, "use_gpu": args.use_gpu})
+                               "steps": args.steps, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
+                               "shuffle_buffer": args.shuffle_buffer})
         else:
             mlflow.set_tag("resumed", "true")
         eval_images = held_out_images(args)
@@ -152,6 +157,7 @@ def main(argv=None) -> dict:
             train_loop_per_worker,
             train_loop_config={
                 "train": dataclasses.asdict(train_config), "steps": args.steps, "use_gpu": args.use_gpu,
+                "shuffle_buffer": args.shuffle_buffer,
                 "threads_per_worker": max(1, int(args.cpus_per_worker)), "tracking_uri": tracking_uri,
                 "run_id": run.info.run_id, "log_every": args.log_every, "grid_every": args.grid_every,
                 "checkpoint_every": args.checkpoint_every, "grid_images": grid.tolist(),
@@ -175,7 +181,8 @@ def main(argv=None) -> dict:
         metrics = {"steps": int(result.metrics.get("step", args.steps))}
         if eval_images is not None:
             metrics.update(evaluate_tokenizer(tok, eval_images, rfid=not args.no_rfid,
-                                              inception_weights=args.inception_weights))
+                                              inception_weights=args.inception_weights,
+                                              perceptual=trained_perceptual(out)))
             save_recon_grid(tok, eval_images[:16], out / "recon.png", max_images=16)
             mlflow.log_artifact(str(out / "recon.png"), "final")
             mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -204,3 +204,32 @@ def test_resumed_run_drops_on_the_gpu_what_the_first_run_did(tmp_path):
     assert losses[1] == pytest.approx(ref[1], rel=1e-6)
     first = train_step(*build(0), batches, cfg, 0, GRID, device=CUDA)["loss"]
     assert other_rank != first
+
+
+def test_tokenizer_training_resumes_on_the_gpu_exactly(tmp_path):
+    """A tokenizer checkpoint resumed onto the GPU loads its saved generator states there (the CPU
+    one must go back to the CPU) and restores both: crops draw on the CPU, code noise on the GPU, so
+    the resumed run continues as the uninterrupted one."""
+    import numpy as np
+
+    from maskgil.tokenizers.training import TokenizerTrainConfig, TokenizerTrainer
+
+    micro = dict(ch=16, ch_mult=(1, 2), enc_res_blocks=1, dec_res_blocks=1, z_channels=16, norm_groups=4,
+                 codebook_size=64)
+    cfg = TokenizerTrainConfig(preset="llamagen-vq-tiny", model_overrides=micro, batch_size=8, lr=2e-3,
+                               perceptual="none", perceptual_weight=0.0, disc_weight=0.0, code_noise=0.3,
+                               crop_size=12, dead_code_restart=1)
+    data = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    batches = [data[i:i + 8] for i in (0, 8, 16)]
+    straight = TokenizerTrainer(cfg, device=CUDA)
+    for b in batches:
+        straight.train_step(b)
+    first = TokenizerTrainer(cfg, device=CUDA)
+    for b in batches[:2]:
+        first.train_step(b)
+    first.save(tmp_path / "ck")
+    torch.manual_seed(99)  # a restarted process's generators are anywhere
+    resumed = TokenizerTrainer.resume(tmp_path / "ck", device=CUDA)
+    resumed.train_step(batches[2])
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k

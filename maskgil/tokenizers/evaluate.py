@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from maskgil.metrics import InceptionFeatureExtractor, frechet_distance_from_features, psnr, ssim
+from maskgil.metrics import (FeatureStats, InceptionFeatureExtractor, fid_from_stats, frechet_distance_from_features,
+                             psnr, ssim)
 from maskgil.tokenizers.base import ImageTokenizer, load_tokenizer, to_model_input
 
 
@@ -39,7 +40,7 @@ def swap_random_codes(codes: torch.Tensor, fraction: float, codebook_size: int, 
 
 def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int = 32, rfid: bool = True,
                        inception_weights: str | None = None, progress: bool = False, labels: Any = None,
-                       classifier: Any = None, wrong_codes: float = 0.2) -> dict:
+                       classifier: Any = None, wrong_codes: float = 0.2, perceptual: str | None = None) -> dict:
     """Metrics of `tokenizer` on `images` (uint8 (N,H,W,3)/(N,3,H,W) or float (N,3,H,W) in [-1,1]).
 
     With embedded-set `labels` and an `EmbeddedClassifier`, also how often the classifier still names
@@ -47,7 +48,9 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
     tokenizer keeps the classes recognisable; and `wrong_codes_accuracy`, the same on images decoded
     from the codes with a `wrong_codes` fraction swapped for random ones (`swap_random_codes`). A
     generator's tokens are never all right: this tells how well the decoder keeps the object around
-    the wrong ones, which reconstructions from clean codes do not show.
+    the wrong ones, which reconstructions from clean codes do not show. `perceptual`: the perceptual
+    loss the tokenizer trained with (its checkpoint's `extra`), so that an rFID measured with the
+    network the tokenizer was trained to match says so.
     """
     from tqdm.auto import tqdm
 
@@ -56,17 +59,22 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
         raise ValueError("no images to evaluate")
     psnrs, ssims, used = [], [], torch.zeros(tokenizer.codebook_size, dtype=torch.bool)
     originals, recons, all_codes = [], [], []
+    # Features batch by batch: 50,000 images at 256 px would take ~40 GB each as float tensors.
+    extractor = InceptionFeatureExtractor(weights_path=inception_weights, batch_size=batch_size) if rfid else None
+    f_real, f_rec = [], []
     start = time.time()
     for batch in tqdm(_batches(images, batch_size), total=-(-n // batch_size), disable=not progress, desc="reconstruct"):
         x = to_model_input(batch)
         codes = tokenizer.encode(x)
         rec = tokenizer.decode(codes).cpu()  # clamped to [-1, 1]
         used[codes.reshape(-1).cpu()] = True
-        if classifier is not None:
-            all_codes.append(codes.cpu())
         psnrs.append(psnr(x, rec, data_range=2.0))
         ssims.append(ssim(x, rec, data_range=2.0))
-        if rfid or classifier is not None:
+        if extractor is not None:
+            f_real.append(extractor.features(x))
+            f_rec.append(extractor.features(rec))
+        if classifier is not None:  # the embedded set's judge: small sets, kept whole
+            all_codes.append(codes.cpu())
             originals.append(x)
             recons.append(rec)
     out = {
@@ -88,15 +96,30 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
         decoded = torch.cat([tokenizer.decode(c).cpu() for c in wrong.split(batch_size)])
         out["wrong_codes_accuracy"] = class_accuracy(classifier, decoded, labels)["accuracy"]
         out["wrong_codes_fraction"] = wrong_codes
-    if rfid:
-        extractor = InceptionFeatureExtractor(weights_path=inception_weights, batch_size=batch_size)
-        f_real = extractor.features(torch.cat(originals))
-        f_rec = extractor.features(torch.cat(recons))
-        out["rfid"] = float(frechet_distance_from_features(f_real, f_rec))
+    if extractor is not None:
+        real, fake = np.concatenate(f_real), np.concatenate(f_rec)
+        if n < real.shape[1]:  # fewer images than feature dimensions: exact, without the D x D sqrtm
+            out["rfid"] = float(frechet_distance_from_features(real, fake))
+        else:  # an N x N SVD would not fit at N = 50,000; the streaming statistics and sqrtm do
+            net = extractor.feature_network
+            out["rfid"] = float(fid_from_stats(FeatureStats.from_features(fake, net), FeatureStats.from_features(real, net)))
         out["rfid_feature_network"] = extractor.feature_network
+        notes = []
         if n < 2048:
-            out["rfid_note"] = f"{n} images: FID is biased upwards at small N; compare only at equal N"
+            notes.append(f"{n} images: FID is biased upwards at small N; compare only at equal N")
+        if perceptual and "inception" in perceptual.lower():
+            notes.append(f"trained with a perceptual loss on Inception-v3 features ({perceptual}), the network rFID "
+                         "measures with: this rFID is not comparable with one of a tokenizer trained with LPIPS")
+        if notes:
+            out["rfid_note"] = "; ".join(notes)
     return out
+
+
+def trained_perceptual(tokenizer_dir: str) -> str | None:
+    """The perceptual loss a tokenizer checkpoint was trained with, as its trainer recorded it."""
+    from maskgil.checkpoint import read_config
+
+    return read_config(tokenizer_dir).get("extra", {}).get("perceptual")
 
 
 def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, limit: int | None = None,
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         classifier = load_embedded_classifier(args.classifier)
     result = evaluate_tokenizer(tok, images, args.batch_size, rfid=not args.no_rfid,
                                 inception_weights=args.inception_weights, progress=True, labels=labels,
-                                classifier=classifier)
+                                classifier=classifier, perceptual=trained_perceptual(args.tokenizer))
     result["tokenizer"] = args.tokenizer
     print(json.dumps(result, indent=2))
     return result

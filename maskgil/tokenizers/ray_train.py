@@ -45,9 +45,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     grid_images = np.asarray(cfg["grid_images"], dtype=np.uint8)
 
     def batches():
+        # A local shuffle buffer mixes the shards (an ImageNet shard holds one class), other rows each epoch.
         shard = ray.train.get_dataset_shard("train")
         while True:
-            for b in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy", drop_last=True):
+            for b in shard.iter_batches(batch_size=config.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=cfg.get("shuffle_buffer") or None,
+                                        local_shuffle_seed=(config.seed * 100_003 + trainer.step) * 101 + rank):
                 yield b["image"]
 
     def checkpoint_and_report(metrics: dict, final: bool = False) -> None:
@@ -58,14 +61,14 @@ def train_loop_per_worker(cfg: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "final": final}, checkpoint=ckpt)
 
-    start, it = time.time(), batches()
+    start, first, it = time.time(), trainer.step, batches()  # first: the step this attempt resumed from
     last = {}
     while trainer.step < steps:
         last = trainer.train_step(next(it))
         step = trainer.step
         if step % cfg["log_every"] == 0 and client is not None:
             last["usage_window"] = trainer.model.codebook_usage()
-            last["images_per_s"] = step * config.batch_size * ctx.get_world_size() / (time.time() - start)
+            last["images_per_s"] = (step - first) * config.batch_size * ctx.get_world_size() / (time.time() - start)
             for k, v in last.items():
                 if k != "step":
                     client.log_metric(cfg["run_id"], k, float(v), step=step)
@@ -82,6 +85,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 def build_dataset(data: str, fmt: str, image_size: int, n_images: int = 4096, seed: int = 0):
     """Ray Dataset with an `image` column (uint8 (S, S, 3)): procedural images when `data` is
     "embedded" (materialised: small), else the decoded, centre-cropped images of a directory."""
+    import numpy as np
     import ray.data
 
     from maskgil.tokenizers.data import embedded_batch, shard_images, shard_to_row
@@ -92,5 +96,7 @@ def build_dataset(data: str, fmt: str, image_size: int, n_images: int = 4096, se
         return ds.materialize()
     from maskgil.data.sources import plan_shards
 
-    shards = plan_shards(data, fmt, rows_per_shard=256)
-    return ray.data.from_items([shard_to_row(s) for s in shards]).flat_map(shard_images, fn_kwargs={"image_size": image_size})
+    shards = plan_shards(data, fmt, rows_per_shard=256)  # in file order: an ImageNet shard is one class
+    order = np.random.default_rng(seed).permutation(len(shards))  # classes interleaved along the blocks
+    return ray.data.from_items([shard_to_row(shards[i]) for i in order]).flat_map(shard_images,
+                                                                                  fn_kwargs={"image_size": image_size})

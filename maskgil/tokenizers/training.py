@@ -11,6 +11,7 @@ Used by `pipelines/train_tokenizer.py` (Ray Train workers) and directly by the q
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -136,6 +137,20 @@ def _broadcast_params(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _seed_rank_stream(seed: int, step: int) -> None:
+    """Give ranks > 0 their own random stream (crops, code noise) for the run from `step` on; rank 0
+    keeps the run seed's, so one process trains as before. Seeded alike, every rank would crop and
+    noise its different images in the same way."""
+    rank = _rank()
+    if rank:
+        digest = hashlib.sha256(f"{seed}/rank{rank}/step{step}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 class TokenizerTrainer:
     """Owns the tokenizer, discriminator, optimisers, EMA and step count; one `train_step` per batch."""
 
@@ -158,6 +173,7 @@ class TokenizerTrainer:
         _broadcast_params(self.model)
         if self.disc is not None:
             _broadcast_params(self.disc)
+        _seed_rank_stream(c.seed, 0)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         self.opt_d = (torch.optim.Adam(self.disc.parameters(), lr=c.disc_lr or c.lr, betas=tuple(c.betas))
                       if self.disc is not None else None)
@@ -276,6 +292,8 @@ class TokenizerTrainer:
             "ema": self.ema,
             "code_counts": self.code_counts,
             "rng": torch.get_rng_state(),
+            # crops run on the CPU generator, code noise on the training device's: both for an exact resume
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -288,9 +306,12 @@ class TokenizerTrainer:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         if self.code_counts is not None and state.get("code_counts") is not None:
             self.code_counts = state["code_counts"].to(self.device)
-        if state.get("rng") is not None:
-            torch.set_rng_state(state["rng"])
+        if state.get("rng") is not None:  # generator states are CPU byte tensors, wherever the state was loaded
+            torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.step = int(state["step"])
+        _seed_rank_stream(self.config.seed, self.step)  # rank 0 saved its own generators only
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
         """Checkpoint dir: the tokenizer as config.json + model.safetensors, plus train_state.pt to resume."""

@@ -119,10 +119,19 @@ class VectorQuantizer(nn.Module):
         n = int(dead.sum())
         if inputs is None or n == 0:
             return 0
-        pick = torch.randint(0, inputs.shape[0], (n,), generator=generator, device="cpu").to(inputs.device)
-        new = inputs[pick]
-        if self.l2_norm:
-            new = F.normalize(new, dim=-1)
+        # Distinct vectors, drawn without replacement: codes restarted onto one vector tie in every
+        # lookup, the lowest index wins each time and the others stay dead (flat image regions give
+        # many identical encoder outputs).
+        pool = torch.unique(F.normalize(inputs, dim=-1) if self.l2_norm else inputs, dim=0)  # (U, D)
+        order = torch.randperm(len(pool), generator=generator, device="cpu")
+        new = pool[order.repeat(-(-n // len(pool)))[:n].to(pool.device)]  # (n, D): tiled when U < n
+        if n > len(pool):  # the tiled copies are nudged apart (noise at 1 % of the vectors' spread)
+            spread = (float(pool.std()) if len(pool) > 1 else 0.0) or float(pool.abs().mean()) or 1.0
+            noise = torch.randn(new.shape, generator=generator, device="cpu").to(new.device)
+            noise[: len(pool)] = 0
+            new = new + 0.01 * spread * noise
+            if self.l2_norm:
+                new = F.normalize(new, dim=-1)
         self.embedding.weight[dead.to(self.embedding.weight.device)] = new.to(self.embedding.weight.dtype)
         return n
 
