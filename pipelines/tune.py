@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     print(json.dumps({k: v for k, v in summary.items() if k != "best"}, indent=2))
+    if summary.get("errors"):  # the finished trials are reported above; a script still sees the failure
+        print(f"{len(summary['errors'])} trial(s) failed: see \"errors\" above", file=sys.stderr)
+        return 1
     return 0
 
 

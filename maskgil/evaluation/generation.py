@@ -98,6 +98,19 @@ class SamplerSpec:
         k = self.ar_tokens if n_tokens is None else self.fusion_k(n_tokens)
         return f"fusion-k{'half' if k is None else k}-m{self.steps}{at}"
 
+    def file_stem(self, n_tokens: int | None = None) -> str:
+        """`label` plus every setting off its default (mar-8-cfg1.5-seed3): evaluations of other
+        settings written into one folder keep their own result and grid files."""
+        default = SamplerSpec(sampler=self.sampler)
+        parts = [self.label(n_tokens)]
+        for name, short in (("cfg_scale", "cfg"), ("cfg_schedule", "cfg-"), ("schedule", "sched-"),
+                            ("temperature", "t"), ("top_k", "topk"), ("top_p", "topp"),
+                            ("choice_temperature", "ct"), ("seed", "seed"), ("seed_chunk", "chunk")):
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
+        return "-".join(parts)
+
 
 # ---------------------------------------------------------------------------------- the sample plan
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from maskgil.metrics import InceptionFeatureExtractor, Reference, load_adm_reference
+from maskgil.metrics.fid import comparable_networks
 from maskgil.metrics.generation import extract_features
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -91,24 +92,33 @@ def folder_reference(folder: str | os.PathLike, image_hw: tuple[int, int], extra
 
 
 def npz_reference(path: str | os.PathLike, extractor: InceptionFeatureExtractor, cache_dir: str | os.PathLike,
-                  adm_stats: str = "reextract", batch_size: int = 32, progress: bool = True) -> tuple[Reference, Path]:
-    """Reference from an .npz: our cache, an ADM reference batch, or a plain `arr_0` sample batch."""
+                  adm_stats: str = "reextract", limit: int | None = None, batch_size: int = 32,
+                  progress: bool = True) -> tuple[Reference, Path]:
+    """Reference from an .npz: our cache, an ADM reference batch, or a plain `arr_0` sample batch
+    (a seeded subset of `limit` images when given; statistics already computed cannot be limited)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"reference file {path} does not exist")
     with np.load(path, allow_pickle=False) as z:
         keys = set(z.files)
-    if "feature_network" in keys:
-        return Reference.load(path), path
     if adm_stats not in ("reextract", "precomputed"):
         raise ValueError(f"adm_stats must be 'reextract' or 'precomputed', got {adm_stats!r}")
+    precomputed = "feature_network" in keys or ({"mu", "sigma"} <= keys and adm_stats == "precomputed")
+    if precomputed and limit is not None:
+        raise ValueError(f"{path} holds feature statistics that are already computed: a reference limit applies to "
+                         "images (a folder, or an ADM batch's arr_0 with adm_stats='reextract')")
+    if "feature_network" in keys:
+        return Reference.load(path), path
     if {"mu", "sigma"} <= keys and adm_stats == "precomputed":
         return Reference.from_adm(load_adm_reference(path, load_images=False)), path
     if "arr_0" not in keys:
         raise ValueError(f"{path}: neither a reference cache (feature_network), an ADM batch (mu, sigma, arr_0) "
                          f"nor a sample batch (arr_0); has {sorted(keys)}")
+    if limit is not None and limit < 2:
+        raise ValueError(f"a reference needs at least 2 images, got limit {limit}")
     st = path.stat()
-    key = _cache_key({"npz": str(path), "size": st.st_size, "mtime": st.st_mtime_ns, "network": extractor.feature_network})
+    key = _cache_key({"npz": str(path), "size": st.st_size, "mtime": st.st_mtime_ns, "network": extractor.feature_network,
+                      "limit": limit})
     cache = Path(cache_dir) / f"reference-{key}.npz"
     if cache.is_file():
         return Reference.load(cache), cache
@@ -116,8 +126,9 @@ def npz_reference(path: str | os.PathLike, extractor: InceptionFeatureExtractor,
         images = z["arr_0"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"{path}: arr_0 should be uint8 NHWC RGB, got {images.dtype} {images.shape}")
-        batches = (np.asarray(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
-        feats, _ = extract_features(extractor, batches, total=len(images), progress=progress)
+        chosen = pick_subset(len(images), limit)  # like a folder's: a seeded, class-unbiased subset
+        batches = (np.asarray(images[chosen[i:i + batch_size]]) for i in range(0, len(chosen), batch_size))
+        feats, _ = extract_features(extractor, batches, total=len(chosen), progress=progress)
     kind = "adm" if "mu" in keys else "npz"
     ref = Reference.from_features(feats, extractor.feature_network, f"{kind}:{path.name} ({len(feats)} images)")
     ref.save(cache)
@@ -127,10 +138,18 @@ def npz_reference(path: str | os.PathLike, extractor: InceptionFeatureExtractor,
 def load_reference(spec: str | os.PathLike, image_hw: tuple[int, int], extractor: InceptionFeatureExtractor,
                    cache_dir: str | os.PathLike, limit: int | None = None, adm_stats: str = "reextract",
                    progress: bool = True) -> tuple[Reference, Path]:
-    """A folder or an .npz (see the module doc); returns (reference, path of its cached .npz)."""
+    """A folder or an .npz (see the module doc); returns (reference, path of its cached .npz).
+    Refuses, before any sampling, a reference whose features come from a network the samples' cannot
+    be compared with (a cache made with other Inception weights, ADM's TF statistics with another net)."""
     p = Path(spec)
     if p.is_dir():
-        return folder_reference(p, image_hw, extractor, cache_dir, limit=limit, progress=progress)
-    if p.suffix == ".npz":
-        return npz_reference(p, extractor, cache_dir, adm_stats=adm_stats, progress=progress)
-    raise FileNotFoundError(f"reference {spec}: not a folder of images or an .npz file")
+        ref, path = folder_reference(p, image_hw, extractor, cache_dir, limit=limit, progress=progress)
+    elif p.suffix == ".npz":
+        ref, path = npz_reference(p, extractor, cache_dir, adm_stats=adm_stats, limit=limit, progress=progress)
+    else:
+        raise FileNotFoundError(f"reference {spec}: not a folder of images or an .npz file")
+    if not comparable_networks(extractor.feature_network, ref.feature_network):
+        raise ValueError(f"reference {spec} holds features of {ref.feature_network!r}, but this evaluation extracts "
+                         f"them with {extractor.feature_network!r}: give the same --inception-weights as the "
+                         "reference was made with, or a folder / ADM batch to extract anew")
+    return ref, path

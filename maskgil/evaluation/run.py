@@ -235,6 +235,9 @@ def summarize(collected: dict, reference, cfg: EvalConfig, info: GeneratorInfo, 
     n_tokens = info.grid[0] * info.grid[1]
     result.update(
         sampler=cfg.spec.label(n_tokens),
+        settings=dataclasses.asdict(cfg.spec),  # everything that produced these numbers, not just the label
+        checkpoints={k: v for k, v in dataclasses.asdict(cfg.paths).items() if v},
+        num_images=cfg.num_images,
         model_steps=cfg.spec.model_steps(n_tokens),
         seconds_per_image=float(collected["seconds"].mean()),  # sampling + decoding, one worker
         images_per_s=cfg.num_images / wall_seconds,  # end to end: all workers, features included
@@ -254,6 +257,8 @@ def format_result(r: dict) -> str:
     per = f"{r['images_per_prompt']}/prompt of {r['prompts']}" if "prompts" in r else f"{r['images_per_class']}/class"
     lines = [f"{r['sampler']}: {r['num_generated']} samples ({per}), {r['model_steps']} model steps/image",
              f"  FID {r['fid']:.3f}  {src}"]
+    if r.get("fid_note"):
+        lines.append(f"  ({r['fid_note']})")
     if "precision" in r:
         lines.append(f"  precision {r['precision']:.3f}  recall {r['recall']:.3f}  (k=3)  {src}")
     if "inception_score" in r:
@@ -367,11 +372,12 @@ def evaluate(cfg: EvalConfig, engine: str = "ray", out_dir: str | os.PathLike | 
         result["npz"] = collected["npz"]
     out_dir = Path(out_dir or Path(cfg.cache_dir) / "eval")
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cfg.spec.file_stem(info.grid[0] * info.grid[1])
     grid_png = None
     if collected["grid"] is not None and len(collected["grid"]):
-        grid_png = str(save_png(image_grid(collected["grid"]), out_dir / f"samples-{result['sampler']}.png"))
+        grid_png = str(save_png(image_grid(collected["grid"]), out_dir / f"samples-{stem}.png"))
         result["grid_png"] = grid_png
     if tracking_uri:
         result["mlflow_run_id"] = log_evaluation(result, cfg, tracking_uri, experiment, grid_png, run_name)
-    (out_dir / f"result-{result['sampler']}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out_dir / f"result-{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result

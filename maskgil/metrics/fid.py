@@ -8,7 +8,6 @@ network, so two statistics from different networks are never compared by acciden
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,18 @@ import scipy.linalg
 # The feature network behind the precomputed mu/sigma of the ADM reference batches: the TF graph
 # of Inception-v3 (2015-12-05), pool_3, run by guided-diffusion's evaluator.
 ADM_FEATURE_NETWORK = "tf-inception-2015-12-05/pool_3 (ADM evaluator)"
+# What the names of our feature networks say when they are PyTorch ports of that same graph.
+TF_INCEPTION_GRAPH = "Inception-v3 2015-12-05 pool3"
+
+
+def comparable_networks(a: str, b: str) -> bool:
+    """Whether features of networks `a` and `b` may be compared: the same network, or ADM's TF graph
+    and a port of that graph (fid-helper's TorchScript, the standard torch-fidelity weights file).
+    A port's features match the graph's up to its numerical differences, not bit for bit."""
+    if a == b:
+        return True
+    other = b if a == ADM_FEATURE_NETWORK else a if b == ADM_FEATURE_NETWORK else None
+    return other is not None and TF_INCEPTION_GRAPH in other and "NOT the standard file" not in other
 
 
 class FeatureStats:
@@ -219,21 +230,10 @@ def load_adm_reference(path: str | os.PathLike, load_images: bool = True) -> Adm
             images = z["arr_0"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"{path}: arr_0 should be uint8 NHWC RGB, got {images.dtype} {images.shape}")
-    num = len(images) if images is not None else _npz_array_length(path, "arr_0")
-    stats = FeatureStats.from_moments(mu, sigma, num, ADM_FEATURE_NETWORK)
+    # mu/sigma cover the whole dataset (ADM: all of ImageNet's train split), arr_0 only a sample of it
+    # for precision/recall: the count behind the moments is not in the file, so it stays unknown (0).
+    stats = FeatureStats.from_moments(mu, sigma, 0, ADM_FEATURE_NETWORK)
     return AdmReferenceBatch(path=path, stats=stats, images=images)
-
-
-def _npz_array_length(path: str, key: str) -> int:
-    """First dimension of one array in an .npz, read from its header only (0 if absent)."""
-    with zipfile.ZipFile(path) as zf:
-        if key + ".npy" not in zf.namelist():
-            return 0
-        with zf.open(key + ".npy") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, _ = read_header(f)
-    return int(shape[0]) if shape else 0
 
 
 def save_adm_samples(path: str | os.PathLike, images, labels=None) -> Path:

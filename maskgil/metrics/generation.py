@@ -17,9 +17,14 @@ from tqdm import tqdm
 from maskgil.metrics.fid import (
     AdmReferenceBatch,
     FeatureStats,
+    comparable_networks,
     fid_from_stats,
     frechet_distance_from_features,
 )
+
+# Below this many generated images FID is biased upwards by an amount that depends on the count
+# (it is not comparable across counts; papers use 50,000); the result says so.
+FID_SMALL_SAMPLE = 2048
 from maskgil.metrics.inception import InceptionFeatureExtractor
 from maskgil.metrics.inception_score import inception_score
 from maskgil.metrics.precision_recall import precision_recall
@@ -108,16 +113,25 @@ def compute_generation_metrics(gen_features, reference: Reference, gen_logits=No
         gen_stats = FeatureStats.from_features(gen_array, feature_network)
     out = {
         "num_generated": gen_stats.num,
-        "num_reference": reference.stats.num,
+        "num_reference": reference.stats.num or None,  # None: moments without a count (ADM's precomputed)
         "feature_network": gen_stats.feature_network,
         "reference": reference.name,
         "reference_feature_network": reference.feature_network,
     }
+    same = gen_stats.feature_network == reference.feature_network
+    if not same and comparable_networks(gen_stats.feature_network, reference.feature_network):
+        allow_network_mismatch = True  # a port of the graph behind ADM's precomputed mu/sigma
+        out["fid_note"] = (f"reference mu/sigma from {reference.feature_network}; samples through a PyTorch port of "
+                           "that graph, whose features differ from the TF graph's by its numerical error")
     small = gen_array is not None and reference.features is not None and min(len(gen_array), len(reference.features)) < gen_stats.dim
-    if small and (gen_stats.feature_network == reference.feature_network or allow_network_mismatch):
+    if small and (same or allow_network_mismatch):
         out["fid"] = frechet_distance_from_features(gen_array, reference.features)  # exact, no D x D sqrtm
     else:
         out["fid"] = fid_from_stats(gen_stats, reference.stats, allow_network_mismatch)
+    if gen_stats.num < FID_SMALL_SAMPLE:
+        note = (f"FID from {gen_stats.num} samples is biased upwards and depends on the count: compare it only with "
+                f"FIDs from as many samples (papers use 50,000)")
+        out["fid_note"] = f"{out['fid_note']}; {note}" if "fid_note" in out else note
     if gen_array is not None and reference.features is not None:
         out.update(precision_recall(reference.features, gen_array, k=k, device=device))
     if gen_logits is not None:

