@@ -154,11 +154,17 @@ def _rank_streams_worker(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        trainer = TokenizerTrainer(micro_config(seed=3))
+        trainer = TokenizerTrainer(micro_config(seed=3, dead_code_restart=5))
         state = trainer.state_dict()  # what rank 0 saves, loaded by every rank on a resume
         first = torch.rand(4)
         trainer.load_state_dict({**state, "rng": torch.load(f"{out}/rng0.pt") if rank else state["rng"]})
-        torch.save({"first": first, "resumed": torch.rand(4),
+        resumed = torch.rand(4)
+        k = trainer.code_counts.numel()
+        trainer.code_counts.copy_(torch.arange(k) * (rank + 1))  # each rank's uses since the last restart check
+        trainer.consolidate_code_counts()
+        consolidated = trainer.code_counts.clone()
+        trainer.load_state_dict({**state, "code_counts": torch.full((k,), 7)})
+        torch.save({"first": first, "resumed": resumed, "consolidated": consolidated, "loaded": trainer.code_counts,
                     "weights": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])},
                    f"{out}/rank{rank}.pt")
     finally:
@@ -168,7 +174,8 @@ def _rank_streams_worker(rank, port, out):
 def test_ranks_draw_their_own_crops_and_code_noise(tmp_path):
     """Under data parallelism every rank starts from rank 0's weights but draws its own random
     stream (seeded alike, all ranks would crop and noise their different images the same way), also
-    after a resume from rank 0's checkpoint; rank 0's stream is a single process's."""
+    after a resume from rank 0's checkpoint; rank 0's stream is a single process's. The code usage
+    counts rank 0 saves are all ranks' (a resume had restored rank 0's on every rank)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -185,6 +192,10 @@ def test_ranks_draw_their_own_crops_and_code_noise(tmp_path):
     assert torch.equal(r0["first"], expected) and not torch.equal(r1["first"], expected)
     assert torch.equal(r0["resumed"], expected)  # rank 0 continues its saved generator
     assert not torch.equal(r1["resumed"], r0["resumed"])  # not rank 0's restored stream
+    # Code usage counts: rank 0 saves every rank's, and on a resume only rank 0 holds them.
+    k = len(r0["consolidated"])
+    assert torch.equal(r0["consolidated"], torch.arange(k) * 3) and not r1["consolidated"].any()
+    assert torch.equal(r0["loaded"], torch.full((k,), 7)) and not r1["loaded"].any()
 
 
 def test_random_crops_are_windows_of_each_image():

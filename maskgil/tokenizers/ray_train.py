@@ -54,6 +54,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 yield b["image"]
 
     def checkpoint_and_report(metrics: dict, final: bool = False) -> None:
+        trainer.consolidate_code_counts()  # every rank: rank 0 saves the usage counts of all
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:

@@ -198,6 +198,17 @@ class TokenizerTrainer:
         self.code_counts.zero_()
         return n
 
+    def consolidate_code_counts(self) -> None:
+        """Before a checkpoint, on every rank: rank 0 takes the usage counts of all ranks and the
+        others start from none, so the counts rank 0 saves are the run's and the next restart check
+        sums each use once (only rank 0's were saved, then loaded on every rank)."""
+        if self.code_counts is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() > 1:
+            dist.all_reduce(self.code_counts)
+            if _rank():
+                self.code_counts.zero_()
+
     def _lr(self) -> float:
         c = self.config
         return c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
@@ -305,7 +316,8 @@ class TokenizerTrainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         if self.code_counts is not None and state.get("code_counts") is not None:
-            self.code_counts = state["code_counts"].to(self.device)
+            # rank 0 saved every rank's counts (consolidate_code_counts): the others resume from none
+            self.code_counts = state["code_counts"].to(self.device) * (0 if _rank() else 1)
         if state.get("rng") is not None:  # generator states are CPU byte tensors, wherever the state was loaded
             torch.set_rng_state(state["rng"].cpu())
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
