@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
-from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, evaluate, format_result  # noqa: E402
+from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, check_inputs, evaluate, format_result  # noqa: E402
 from maskgil.training.runconfig import parse_grid  # noqa: E402
 
 
@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     cfg = EvalConfig(paths=paths, spec=spec, num_images=a.num_images, reference=a.reference,
                      reference_limit=a.reference_limit, adm_stats=a.adm_stats, inception_weights=a.inception_weights,
                      classifier=a.classifier, npz=a.npz, cache_dir=a.cache_dir, prompts=a.prompts)
+    try:  # an unbalanced --num-images or a missing file stops here too, not after Ray has started
+        check_inputs(cfg)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     kwargs = {}
     if a.engine == "ray":
         import torch

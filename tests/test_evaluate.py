@@ -177,16 +177,23 @@ def test_bad_settings_name_the_problem(setup, tmp_path):
 
 
 def test_evaluate_pipeline_reports_bad_arguments_before_starting(setup, tmp_path, capsys):
-    """A missing checkpoint or an impossible sampler setting is a usage error (exit 2, one line), not
-    a traceback from inside a Ray actor."""
+    """A missing checkpoint, reference, weights file or classifier, an impossible sampler setting or
+    an unbalanced --num-images is a usage error (exit 2, one line), not a traceback after Ray starts."""
     from pipelines.evaluate import main
 
     cases = {("--tokenizer", str(tmp_path), "--mar", setup["mar"]): "--tokenizer " + str(tmp_path),
              ("--tokenizer", setup["tokenizer"], "--sampler", "fusion", "--mar", setup["mar"]): "needs checkpoint(s) ['ar']",
-             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--steps", "0"): "steps must be >= 1"}
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--steps", "0"): "steps must be >= 1",
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--num-images", "17"): "multiple of",
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--reference", str(tmp_path / "none")):
+                 "does not exist",
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--inception-weights", "no.pth"):
+                 "Inception weights file not found: no.pth",
+             ("--tokenizer", setup["tokenizer"], "--mar", setup["mar"], "--classifier", str(tmp_path)):
+                 "not a checkpoint directory"}
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
-            main([*argv, "--reference", str(tmp_path), "--engine", "local"])
+            main(["--reference", str(tmp_path), *argv, "--engine", "local"])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 

@@ -43,7 +43,7 @@ def test_hand_checked_small_case_k1():
 def test_hand_checked_radii_k3():
     # 0..5 on a line, k=3: ends reach 3 away, inner points 2 away.
     np.testing.assert_allclose(knn_sq_radii(on_line(range(6)), k=3, block_size=4).numpy(), [9, 4, 4, 4, 4, 9])
-    # gen -3.5 (3.5 from 0, radius 3: out), 8.5 (3.5 from 5: out), 2.5 (in) -> precision 1/3.
+    # gen -3.5 (3.5 from 0, radius 3: out), 8.5 (3.5 from 5: out), 2.5 (in), 30 (out) -> precision 1/4.
     pr = precision_recall(on_line(range(6)), on_line([-3.5, 8.5, 2.5, 30]), k=3)
     assert pr["precision"] == pytest.approx(1 / 4)
 

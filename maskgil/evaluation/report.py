@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 SETTING_KEYS = ("sampler", "steps", "cfg_scale", "cfg_schedule", "schedule", "temperature", "top_k", "top_p",
-                "choice_temperature", "ar_tokens", "seed", "seed_chunk")
+                "choice_temperature", "ar_tokens", "grid", "seed", "seed_chunk")
 TABLE_COLUMNS = ("trial", "label", "sampler", "steps", "cfg_scale", "schedule", "temperature", "ar_tokens",
                  "fid", "precision", "recall", "inception_score", "class_accuracy", "colour_accuracy",
                  "shape_accuracy", "model_steps", "seconds_per_image", "images_per_s", "num_generated")
@@ -67,7 +67,8 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike, stem: str = "resu
 
 
 def _curves(rows: list[dict], x_key: str, only_sampler: str | None = None) -> dict[str, list[tuple]]:
-    """Rows that differ only in `x_key` (other settings equal) as curves {legend: [(x, fid), ...]}."""
+    """Rows that differ only in `x_key` (other settings equal) as curves {legend: [(x, fid), ...]};
+    the seeds of one setting average into one point (not a zig-zag of single draws)."""
     groups = defaultdict(list)
     for r in rows:
         if r.get(x_key) is None or r.get("fid") is None or (only_sampler and r.get("sampler") != only_sampler):
@@ -81,7 +82,12 @@ def _curves(rows: list[dict], x_key: str, only_sampler: str | None = None) -> di
         d = dict(rest)
         name = d["sampler"] + "".join(f" {k}={v}" for k, v in rest if k in ("steps", "cfg_scale", "ar_tokens", "temperature")
                                       and v is not None and not (d["sampler"] == "ar" and k == "steps"))
-        curves[name] = sorted(pts)
+        if d.get("grid"):
+            name += f" grid={d['grid'][0]}x{d['grid'][1]}"
+        by_x = defaultdict(list)
+        for x, fid in pts:
+            by_x[x].append(fid)
+        curves[name] = sorted((x, float(np.mean(f))) for x, f in by_x.items())
     return curves
 
 

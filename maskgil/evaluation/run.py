@@ -325,16 +325,15 @@ class Prepared:
     classifier_dir: str | None
 
 
-def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
-    """Everything an evaluation needs before sampling: model facts, reference, network, classifier."""
-    from maskgil.evaluation.reference import load_reference
-    from maskgil.metrics import InceptionFeatureExtractor
+def check_inputs(cfg: EvalConfig) -> tuple[GeneratorInfo, int]:
+    """The checks that need no model, no Inception network and no Ray: checkpoints, prompts and the
+    class balance of num_images, the reference, weights and classifier paths. Returns the models'
+    facts and the classes the judge can score (0: none)."""
+    from maskgil.data.embedded import NUM_CLASSES
 
     info = generator_info(cfg.paths, cfg.spec.sampler, cfg.spec.grid)
     num_classes = info.num_classes
     if info.cond == "text":
-        from maskgil.data.embedded import NUM_CLASSES
-
         if not cfg.prompts:
             raise ValueError("the generator is text-conditional: give prompts (e.g. embedded:val, or a prompt file)")
         ps = prompt_set(cfg.prompts, info.image_hw[0])
@@ -344,6 +343,21 @@ def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
         raise ValueError("prompts are for text-conditional generators; this one is class-conditional")
     else:
         check_balanced(cfg.num_images, info.num_classes)
+    if not Path(cfg.reference).exists():
+        raise FileNotFoundError(f"reference {cfg.reference} does not exist (a folder of images or an .npz)")
+    if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
+        raise FileNotFoundError(f"Inception weights file not found: {cfg.inception_weights}")
+    if cfg.classifier not in ("auto", "none") and not (Path(cfg.classifier) / "config.json").is_file():
+        raise FileNotFoundError(f"--classifier {cfg.classifier}: not a checkpoint directory")
+    return info, num_classes
+
+
+def prepare(cfg: EvalConfig, progress: bool = True) -> Prepared:
+    """Everything an evaluation needs before sampling: model facts, reference, network, classifier."""
+    from maskgil.evaluation.reference import load_reference
+    from maskgil.metrics import InceptionFeatureExtractor
+
+    info, num_classes = check_inputs(cfg)
     extractor = InceptionFeatureExtractor(cfg.inception_weights)
     reference, path = load_reference(cfg.reference, info.image_hw, extractor, cfg.cache_dir, limit=cfg.reference_limit,
                                      adm_stats=cfg.adm_stats, progress=progress)

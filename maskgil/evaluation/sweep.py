@@ -61,8 +61,10 @@ def load_sweep(path: str | os.PathLike, overrides: dict | None = None) -> dict:
         if "models" not in sweep or "tokenizer" not in sweep["models"]:
             raise ValueError(f"{path}: a sampling sweep needs models: {{tokenizer, mar and/or ar}}")
         sweep["trials"] = expand_groups(sweep.get("base", {}), sweep.get("groups", []))
-        for t in sweep["trials"]:
-            SamplerSpec.from_dict(t)  # fail before any trial starts
+        grids = {SamplerSpec.from_dict(t).grid for t in sweep["trials"]}  # fail before any trial starts
+        if len(grids) > 1:  # one reference (one image size) and one token count per sweep
+            raise ValueError(f"{path}: the trials sample {len(grids)} token grids ({sorted(map(str, grids))}): a sweep "
+                             "scores every trial against one reference of one image size; sweep each grid on its own")
     return sweep
 
 
