@@ -336,14 +336,14 @@ def label_range(shard_dir: str) -> tuple[int, int] | None:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             meta = pf.metadata
+            col = next((j for j in range(meta.num_columns) if meta.schema.column(j).path == "label"), None)
+            if col is None:
+                return None
             for rg in range(meta.num_row_groups):
                 group = meta.row_group(rg)
-                cols = [group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == "label"]
-                if not cols:
-                    return None
                 if group.num_rows == 0:
                     continue
-                st = cols[0].statistics
+                st = group.column(col).statistics
                 if st is not None and st.has_min_max:
                     a, b = int(st.min), int(st.max)
                 else:

@@ -16,7 +16,6 @@ trials, tests) on the same chunk plan, so both paths give the same images.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 
 from maskgil.checkpoint import checked_fields
 from maskgil.images import to_uint8_nhwc
+from maskgil.seeding import hashed_seed
 
 SAMPLERS = ("mar", "ar", "fusion")
 
@@ -129,8 +129,7 @@ def check_balanced(num_images: int, num_classes: int, unit: str = "class") -> No
 
 def chunk_seed(seed: int, first_index: int) -> int:
     """A 63-bit seed from (run seed, first sample index of the chunk); independent streams per chunk."""
-    digest = hashlib.sha256(f"maskgil-eval:{int(seed)}:{int(first_index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return hashed_seed(f"maskgil-eval:{int(seed)}:{int(first_index)}")
 
 
 def num_chunks(num_images: int, seed_chunk: int) -> int:

@@ -81,6 +81,13 @@ def prompt_set(spec: str, image_size: int):
 
 # ----------------------------------------------------------------------------------- classifier
 
+def check_classifier_choice(choice: str) -> str:
+    """`choice` ("auto", "none" or a checkpoint directory), refused when it names no checkpoint."""
+    if choice not in ("auto", "none") and not (Path(choice) / "config.json").is_file():
+        raise FileNotFoundError(f"--classifier {choice}: not a checkpoint directory")
+    return choice
+
+
 def resolve_classifier(choice: str, num_classes: int, image_size: int, cache_dir: str | os.PathLike,
                        train_steps: int = 600) -> str | None:
     """Checkpoint dir of the embedded-set classifier to use, or None.
@@ -92,9 +99,7 @@ def resolve_classifier(choice: str, num_classes: int, image_size: int, cache_dir
     if choice == "none":
         return None
     if choice != "auto":
-        if not (Path(choice) / "config.json").is_file():
-            raise FileNotFoundError(f"--classifier {choice}: not a checkpoint directory")
-        return choice
+        return check_classifier_choice(choice)
     if num_classes != NUM_CLASSES:
         return None
     out = Path(cache_dir) / f"embedded-classifier-{image_size}"
@@ -347,8 +352,7 @@ def check_inputs(cfg: EvalConfig) -> tuple[GeneratorInfo, int]:
         raise FileNotFoundError(f"reference {cfg.reference} does not exist (a folder of images or an .npz)")
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
         raise FileNotFoundError(f"Inception weights file not found: {cfg.inception_weights}")
-    if cfg.classifier not in ("auto", "none") and not (Path(cfg.classifier) / "config.json").is_file():
-        raise FileNotFoundError(f"--classifier {cfg.classifier}: not a checkpoint directory")
+    check_classifier_choice(cfg.classifier)
     return info, num_classes
 
 

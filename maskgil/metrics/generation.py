@@ -21,13 +21,13 @@ from maskgil.metrics.fid import (
     fid_from_stats,
     frechet_distance_from_features,
 )
-
-# Below this many generated images FID is biased upwards by an amount that depends on the count
-# (it is not comparable across counts; papers use 50,000); the result says so.
-FID_SMALL_SAMPLE = 2048
 from maskgil.metrics.inception import InceptionFeatureExtractor
 from maskgil.metrics.inception_score import inception_score
 from maskgil.metrics.precision_recall import precision_recall
+
+# Below this many images FID is biased upwards by an amount that depends on the count (it is not
+# comparable across counts; papers use 50,000); results say so.
+FID_SMALL_SAMPLE = 2048
 
 
 @dataclass

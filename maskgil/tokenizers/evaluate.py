@@ -22,6 +22,7 @@ import torch
 
 from maskgil.metrics import (FeatureStats, InceptionFeatureExtractor, fid_from_stats, frechet_distance_from_features,
                              psnr, ssim)
+from maskgil.metrics.generation import FID_SMALL_SAMPLE
 from maskgil.tokenizers.base import ImageTokenizer, load_tokenizer, to_model_input
 
 
@@ -105,7 +106,7 @@ def evaluate_tokenizer(tokenizer: ImageTokenizer, images: Any, batch_size: int =
             out["rfid"] = float(fid_from_stats(FeatureStats.from_features(fake, net), FeatureStats.from_features(real, net)))
         out["rfid_feature_network"] = extractor.feature_network
         notes = []
-        if n < 2048:
+        if n < FID_SMALL_SAMPLE:
             notes.append(f"{n} images: FID is biased upwards at small N; compare only at equal N")
         if perceptual and "inception" in perceptual.lower():
             notes.append(f"trained with a perceptual loss on Inception-v3 features ({perceptual}), the network rFID "

@@ -11,7 +11,6 @@ Used by `pipelines/train_tokenizer.py` (Ray Train workers) and directly by the q
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from maskgil.tokenizers.base import ImageTokenizer, load_tokenizer, to_model_inp
 from maskgil.tokenizers.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from maskgil.tokenizers.perceptual import build_perceptual
 from maskgil.tokenizers.presets import build_tokenizer
+from maskgil.seeding import hashed_seed
+from maskgil.training.distributed import world
 
 TRAIN_STATE_NAME = "train_state.pt"
 
@@ -137,18 +138,13 @@ def _broadcast_params(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _seed_rank_stream(seed: int, step: int) -> None:
     """Give ranks > 0 their own random stream (crops, code noise) for the run from `step` on; rank 0
     keeps the run seed's, so one process trains as before. Seeded alike, every rank would crop and
     noise its different images in the same way."""
-    rank = _rank()
+    rank, _ = world()
     if rank:
-        digest = hashlib.sha256(f"{seed}/rank{rank}/step{step}".encode()).digest()
-        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        torch.manual_seed(hashed_seed(f"{seed}/rank{rank}/step{step}"))
 
 
 class TokenizerTrainer:
@@ -202,11 +198,10 @@ class TokenizerTrainer:
         """Before a checkpoint, on every rank: rank 0 takes the usage counts of all ranks and the
         others start from none, so the counts rank 0 saves are the run's and the next restart check
         sums each use once (only rank 0's were saved, then loaded on every rank)."""
-        if self.code_counts is None or not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() > 1:
+        rank, size = world()
+        if self.code_counts is not None and size > 1:
             dist.all_reduce(self.code_counts)
-            if _rank():
+            if rank:
                 self.code_counts.zero_()
 
     def _lr(self) -> float:
@@ -317,7 +312,7 @@ class TokenizerTrainer:
             self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
         if self.code_counts is not None and state.get("code_counts") is not None:
             # rank 0 saved every rank's counts (consolidate_code_counts): the others resume from none
-            self.code_counts = state["code_counts"].to(self.device) * (0 if _rank() else 1)
+            self.code_counts = state["code_counts"].to(self.device) * (0 if world()[0] else 1)
         if state.get("rng") is not None:  # generator states are CPU byte tensors, wherever the state was loaded
             torch.set_rng_state(state["rng"].cpu())
         if state.get("cuda_rng") is not None and self.device.type == "cuda":

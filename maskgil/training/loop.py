@@ -12,7 +12,6 @@ seeded from (run seed, step, rank, micro-batch), so the step *is* the scheduler 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 import shutil
@@ -29,6 +28,7 @@ import torch.nn as nn
 from maskgil.checkpoint import WEIGHTS_NAME, checked_fields, save_pretrained
 from maskgil.precision import PRECISIONS, resolve_precision
 from maskgil.sampling.schedules import SCHEDULES
+from maskgil.seeding import hashed_seed
 from maskgil.training.distributed import (STRATEGIES, full_model_state, full_optimizer_state, load_full_state,
                                           no_grad_sync, unwrap)
 from maskgil.training.objectives import compute_loss, training_mask
@@ -160,9 +160,7 @@ def grid_at(step: int, cfg: TrainConfig, default: tuple[int, int]) -> tuple[int,
 def step_seed(seed: int, step: int, rank: int, micro: int, stream: str = "") -> int:
     """A seed unique to (run seed, step, rank, micro-batch[, stream]): replaying a step replays its
     masks (stream "") and its dropout (stream "dropout")."""
-    key = f"{seed}/{step}/{rank}/{micro}" + (f"/{stream}" if stream else "")
-    digest = hashlib.sha256(key.encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return hashed_seed(f"{seed}/{step}/{rank}/{micro}" + (f"/{stream}" if stream else ""))
 
 
 @contextmanager
