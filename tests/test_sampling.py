@@ -410,6 +410,8 @@ def test_tiny_temperature_is_greedy_not_an_error():
     l = torch.tensor([[2.0, 1.0, -3.0], [-5.0, -4.0, -9.0], [1e-41, 0.0, -1.0]])
     hand = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, 0.0, -math.inf], [1e-41 / 1e-40, 0.0, -math.inf]])
     torch.testing.assert_close(filter_logits(l, temperature=1e-40), hand)
+    # (B, N, V) as the samplers pass them, overflowing rows mixed with ordinary ones
+    torch.testing.assert_close(filter_logits(l.expand(2, 3, 3), temperature=1e-40), hand.expand(2, 3, 3))
     for t in (1e-300, 5e-324):  # round to 0 in float32: x / 0 would give nan for the top logit
         assert torch.equal(filter_logits(l[:2], temperature=t), hand[:2])
         assert torch.equal(sample_maskgit(m, c, cfg_scale=2.0, temperature=t, generator=gen(9)), tiny_mar)

@@ -37,14 +37,15 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     A tiny temperature can push a row's top logit to inf (softmax -> nan), or round to 0 in the
     logits' dtype; such rows are shifted by their max and divided in float64, so the top logit
     stays 0 and the rest go to -inf (argmax). Other rows are divided as they are, so their bits do
-    not change."""
+    not change (and only the overflowing rows are copied to float64)."""
     check_sampling_args(temperature, top_k, top_p)
     scaled = logits / temperature
     if temperature < 1:  # only a division by < 1 can overflow
-        overflow = ~scaled.amax(-1, keepdim=True).isfinite()
-        # in float64: a temperature below float32's range would round to 0 there (0 / 0 = nan)
-        shifted = ((logits - logits.amax(-1, keepdim=True)).double() / temperature).to(logits.dtype)
-        scaled = torch.where(overflow, shifted, scaled)
+        overflow = ~scaled.amax(-1).isfinite()  # (...)
+        if overflow.any():
+            rows = logits[overflow]  # (R, V)
+            # in float64: a temperature below float32's range would round to 0 there (0 / 0 = nan)
+            scaled[overflow] = ((rows - rows.amax(-1, keepdim=True)).double() / temperature).to(logits.dtype)
     logits = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
