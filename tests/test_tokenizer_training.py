@@ -117,6 +117,21 @@ def test_resume_continues_exactly(tmp_path, kind):
             assert torch.allclose(va.float(), vc.float(), atol=1e-6), k
 
 
+def test_resumed_train_tokenizer_sees_the_uninterrupted_batches(tmp_path):
+    """train_tokenizer stopped at step 4 and resumed to 7 ends with the weights of 7 straight steps
+    (3 batches an epoch: the resume starts mid-epoch; a resume had reshuffled from seed + step)."""
+    config, data = micro_config(crop_size=12), blobs(24)
+    straight, _ = train_tokenizer(config, data, steps=7, progress=False)
+    first = TokenizerTrainer(config)
+    train_tokenizer(config, data, steps=4, trainer=first, progress=False)
+    first.save(tmp_path / "ckpt")
+    torch.manual_seed(99)
+    resumed, _ = train_tokenizer(config, data, steps=7, trainer=TokenizerTrainer.resume(tmp_path / "ckpt"),
+                                 progress=False)
+    for (k, va), vb in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-6), k
+
+
 @pytest.mark.parametrize("images", ["blobs", "flat"])
 def test_dead_codes_are_restarted_onto_distinct_encoder_outputs(images):
     """Dead codes move onto the step's encoder outputs (unit vectors), drawn without replacement from
@@ -215,6 +230,12 @@ def test_batch_iterator_epochs_and_datasets():
     it = batch_iterator(data, 4, seed=0)
     seen = np.concatenate([next(it)[:, 0] for _ in range(2)])
     assert len(set(seen.tolist())) == 8  # no repeats within an epoch
+    for start in range(7):  # 2 batches an epoch: skipping crosses epochs, as a resume at step `start` does
+        it, skipped = batch_iterator(data, 4, seed=3), batch_iterator(data, 4, seed=3, start=start)
+        for _ in range(start):
+            next(it)
+        for _ in range(3):
+            assert np.array_equal(next(it), next(skipped)), start
     ds = [(np.full((2, 2, 3), i, np.uint8), i) for i in range(5)]  # map-style, (image, label) items
     assert next(batch_iterator(ds, 3)).shape == (3, 2, 2, 3)
     with pytest.raises(ValueError, match="ran out"):

@@ -87,17 +87,23 @@ def default_train_config(preset: str, **overrides: Any) -> TokenizerTrainConfig:
 
 
 # -- data --------------------------------------------------------------------------------------------
-def batch_iterator(data: Any, batch_size: int, seed: int = 0) -> Iterator[Any]:
+def batch_iterator(data: Any, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[Any]:
     """Endless batches from an image array/tensor (N,...) (shuffled each epoch), a map-style dataset
-    (items are images or (image, ...) tuples), or an iterable that already yields batches."""
+    (items are images or (image, ...) tuples), or an iterable that already yields batches (used as
+    given). `start` skips that many batches of the seed's order without loading them, so a run
+    resumed at step s sees the batches an uninterrupted run would have."""
     if isinstance(data, (np.ndarray, torch.Tensor)) or (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
         n = len(data)
         if n == 0:
             raise ValueError("training data is empty")
         rng = np.random.default_rng(seed)
+        b = min(batch_size, n)
+        skip_epochs, skip = divmod(start, n // b)
+        for _ in range(skip_epochs):
+            rng.permutation(n)
         while True:
             order = rng.permutation(n)
-            for i in range(0, n - min(batch_size, n) + 1, min(batch_size, n)):
+            for i in range(skip * b, n - b + 1, b):
                 idx = order[i : i + batch_size]
                 if isinstance(data, (np.ndarray, torch.Tensor)):
                     yield data[idx]
@@ -105,6 +111,7 @@ def batch_iterator(data: Any, batch_size: int, seed: int = 0) -> Iterator[Any]:
                     items = [data[int(j)] for j in idx]
                     items = [it[0] if isinstance(it, (tuple, list)) else it for it in items]
                     yield np.stack([np.asarray(it) for it in items])
+            skip = 0
     else:
         yield from data
 
@@ -342,7 +349,8 @@ def train_tokenizer(config: TokenizerTrainConfig, data: Any, steps: int, tokeniz
                     trainer: TokenizerTrainer | None = None, log_every: int = 50, progress: bool = True,
                     callback: Callable[[TokenizerTrainer, dict], None] | None = None,
                     time_limit_s: float | None = None) -> tuple[ImageTokenizer, list[dict]]:
-    """Train for `steps` steps (or until `time_limit_s`) on `data` (see `batch_iterator`).
+    """Train for `steps` steps (or until this call has run `time_limit_s`) on `data` (see
+    `batch_iterator`; a resumed `trainer` continues the uninterrupted run's batch order).
 
     Returns (final tokenizer in eval mode, logged metric dicts every `log_every` steps).
     `callback(trainer, metrics)` runs after each logged step (MLflow logging, checkpoints).
@@ -351,7 +359,7 @@ def train_tokenizer(config: TokenizerTrainConfig, data: Any, steps: int, tokeniz
     from tqdm.auto import tqdm
 
     trainer = trainer or TokenizerTrainer(config, tokenizer)
-    batches = batch_iterator(data, config.batch_size, seed=config.seed + trainer.step)
+    batches = batch_iterator(data, config.batch_size, seed=config.seed, start=trainer.step)
     history, start = [], time.time()
     bar = tqdm(total=steps, initial=trainer.step, disable=not progress, desc=f"train {config.preset}")
     while trainer.step < steps:
