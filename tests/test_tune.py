@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -71,6 +72,25 @@ def test_curves_average_the_seeds_of_a_setting():
     assert _curves(rows, "cfg_scale") == {"mar steps=8": [(1.0, 8.0), (2.0, 5.5)]}
     other_grid = [dict(r, grid=(6, 10), fid=r["fid"] + 1) for r in rows]  # another grid: its own curve
     assert len(_curves(rows + other_grid, "cfg_scale")) == 2
+
+
+def test_best_setting_ranks_settings_by_their_mean_over_seeds(tmp_path):
+    """CFG 1 has the luckiest single draw (fid 4) but the worse mean (9); CFG 2 wins on its mean (5.5)."""
+    from maskgil.evaluation.report import best_setting
+    from maskgil.evaluation.sweep import write_report
+
+    rows = [{"trial": f"t{i}", "label": "mar-8", "sampler": "mar", "steps": 8, "cfg_scale": c, "seed": seed, "fid": f,
+             "seconds_per_image": sec, "feature_network": "n", "reference": "r"}
+            for i, (c, seed, f, sec) in enumerate([(1.0, 0, 4.0, 0.1), (1.0, 1, 14.0, 0.1),
+                                                   (2.0, 0, 5.0, 0.2), (2.0, 1, 6.0, 0.4)])]
+    best = best_setting(rows, "fid", "min")
+    assert (best["cfg_scale"], best["fid"], best["fid_per_seed"]) == (2.0, 5.5, [5.0, 6.0])
+    assert best["seed"] == [0, 1] and best["trial"] == ["t2", "t3"] and best["num_seeds"] == 2
+    assert best["seconds_per_image"] == pytest.approx(0.3)  # every metric of the setting averaged
+    assert best_setting(rows, "fid", "max")["cfg_scale"] == 1.0  # mean 9 beats 5.5 when higher is better
+    assert best_setting(rows[:1] + rows[2:3], "fid") == rows[0]  # one seed per setting: the row itself
+    summary = write_report(rows, tmp_path, {"metric": "fid", "mode": "min"})
+    assert json.loads((tmp_path / "best.json").read_text())["fid"] == 5.5 == summary["best"]["fid"]
 
 
 def test_pareto_front_by_hand():

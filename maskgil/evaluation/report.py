@@ -66,6 +66,42 @@ def write_tables(rows: list[dict], out_dir: str | os.PathLike, stem: str = "resu
     return csv_path, md_path
 
 
+SEED_KEYS = ("seed", "seed_chunk")  # which sample set was drawn, not how: a setting's seeds are repeats
+
+
+def _setting(row: dict, leave_out: tuple[str, ...] = ()) -> tuple:
+    """The row's sampler setting without its seeds (and `leave_out`), hashable: rows that are seeds of
+    one setting share it."""
+    def frozen(v):
+        return tuple(v) if isinstance(v, list) else v
+    return tuple((k, frozen(row.get(k))) for k in SETTING_KEYS if k not in SEED_KEYS + leave_out)
+
+
+def best_setting(rows: list[dict], metric: str, mode: str = "min") -> dict:
+    """The setting whose mean `metric` over its seeds is best: the lowest single draw of a noisy
+    metric would pick a lucky seed, not a better setting. A setting with one row returns that row;
+    with several, their first row with each numeric metric averaged, `<metric>_per_seed`, the seeds
+    and the trials."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get(metric) is not None:
+            groups[_setting(r)].append(r)
+    if not groups:
+        raise ValueError(f"no row has a value for {metric!r}")
+    sign = 1 if mode == "min" else -1
+    group = min(groups.values(), key=lambda g: sign * float(np.mean([r[metric] for r in g])))
+    best = dict(group[0])
+    if len(group) > 1:
+        for k, v in best.items():
+            if k not in SETTING_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and all(isinstance(r.get(k), (int, float)) for r in group):
+                best[k] = float(np.mean([r[k] for r in group]))
+        best[f"{metric}_per_seed"] = [r[metric] for r in group]
+        best.update(seed=[r.get("seed") for r in group], seed_chunk=[r.get("seed_chunk") for r in group],
+                    trial=[r.get("trial") for r in group], num_seeds=len(group))
+    return best
+
+
 def _curves(rows: list[dict], x_key: str, only_sampler: str | None = None) -> dict[str, list[tuple]]:
     """Rows that differ only in `x_key` (other settings equal) as curves {legend: [(x, fid), ...]};
     the seeds of one setting average into one point (not a zig-zag of single draws)."""
@@ -73,8 +109,7 @@ def _curves(rows: list[dict], x_key: str, only_sampler: str | None = None) -> di
     for r in rows:
         if r.get(x_key) is None or r.get("fid") is None or (only_sampler and r.get("sampler") != only_sampler):
             continue
-        rest = tuple((k, r.get(k)) for k in SETTING_KEYS if k != x_key and k not in ("seed", "seed_chunk"))
-        groups[rest].append((r[x_key], r["fid"]))
+        groups[_setting(r, leave_out=(x_key,))].append((r[x_key], r["fid"]))
     curves = {}
     for rest, pts in groups.items():
         if len({p[0] for p in pts}) < 2:

@@ -166,20 +166,21 @@ def run_sampling_sweep(sweep: dict, out_dir: str | os.PathLike, tracking_uri: st
 
 
 def write_report(rows: list[dict], out_dir: Path, sweep: dict, errors: list[str] | None = None) -> dict:
-    """Tables, plots and the best config; printed and returned."""
-    from maskgil.evaluation.report import plot_sweep, write_tables
+    """Tables, plots and the best setting (by its mean over seeds); printed and returned."""
+    from maskgil.evaluation.report import best_setting, plot_sweep, write_tables
 
     if not rows:
         raise RuntimeError("no trial finished: " + "; ".join(errors or []))
     csv_path, md_path = write_tables(rows, out_dir)
     plots = plot_sweep(rows, out_dir)
-    metric, sign = sweep["metric"], (1 if sweep["mode"] == "min" else -1)
-    best = min((r for r in rows if r.get(metric) is not None), key=lambda r: sign * r[metric])
+    metric = sweep["metric"]
+    best = best_setting(rows, metric, sweep["mode"])
     summary = {"best": best, "csv": str(csv_path), "markdown": str(md_path), "plots": [str(p) for p in plots],
                "trials": len(rows), "errors": errors or []}
     (out_dir / "best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     print(md_path.read_text())
-    print(f"best by {metric} ({sweep['mode']}): {best['label']} {metric}={best[metric]:.4g} "
+    seeds = f" (mean of {best['num_seeds']} seeds)" if "num_seeds" in best else ""
+    print(f"best by {metric} ({sweep['mode']}): {best['label']} {metric}={best[metric]:.4g}{seeds} "
           f"[{best.get('feature_network')} vs {best.get('reference')}]")
     if errors:
         print(f"{len(errors)} trial(s) failed: " + "; ".join(errors))
