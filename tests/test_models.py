@@ -47,6 +47,21 @@ def test_causal_output_ignores_later_tokens():
     assert not torch.allclose(base[:, k + 1:], out[:, k + 1:])
 
 
+def test_causal_text_model_ignores_later_tokens():
+    """With a text prefix and its padding mask, the causal mask still holds: image positions <= k
+    do not see tokens >= k (the key mask must combine with, not replace, the causal one)."""
+    torch.manual_seed(0)
+    m = LlamaGenerator(LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=37, cond="text", text_dim=12, text_len=5,
+                                   causal=True, qk_norm="none", post_norm=False, grid_size=(4, 4), multiple_of=32)).eval()
+    feats, tm = torch.randn(2, 5, 12), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    toks, k = torch.randint(0, 37, (2, 16)), 9
+    toks2 = toks.clone()
+    toks2[:, k:] = (toks2[:, k:] + 5) % 37
+    base, out = m(toks, feats, text_mask=tm), m(toks2, feats, text_mask=tm)
+    torch.testing.assert_close(base[:, : k + 1], out[:, : k + 1])
+    assert not torch.allclose(base[:, k + 1:], out[:, k + 1:])
+
+
 def test_condition_changes_output_and_null_row_exists():
     m = small()
     toks = torch.full((1, 16), m.mask_token_id)
@@ -286,10 +301,15 @@ def test_llamagen_state_dict_keys_load_strictly():
         load_llamagen_gpt(bad, preset="llamagen-b")
 
 
-def reference_llamagen_forward(sd, cls, toks, n_layers, n_heads, grid):
+def reference_llamagen_forward(sd, cls, toks, n_layers, n_heads, grid, maskgil=False):
     """An independent LlamaGen GPT forward written from its published equations, using complex
-    rotation and zero rotary rows at the class position (LlamaGen's behaviour)."""
-    x = torch.cat([sd["cls_embedding.embedding_table.weight"][cls][:, None], sd["tok_embeddings.weight"][toks[:, :-1]]], 1)
+    rotation and zero rotary rows at the class position (LlamaGen's behaviour).
+
+    maskgil=True: the paper's MaskGIL instead: every token in (no shift), no attention mask,
+    per-head LayerNorm on q and k before the rotation, the class position unrotated (identity),
+    sandwich norms on both branch outputs, and logits at the image positions."""
+    body = toks if maskgil else toks[:, :-1]
+    x = torch.cat([sd["cls_embedding.embedding_table.weight"][cls][:, None], sd["tok_embeddings.weight"][body]], 1)
     B, L, D = x.shape
     hd = D // n_heads
     half = hd // 2
@@ -297,30 +317,40 @@ def reference_llamagen_forward(sd, cls, toks, n_layers, n_heads, grid):
     ang = torch.cat([torch.arange(grid[0]).double()[:, None, None].expand(grid[0], grid[1], 1) * freqs,
                      torch.arange(grid[1]).double()[None, :, None].expand(grid[0], grid[1], 1) * freqs], -1).reshape(-1, half)
     rot = torch.polar(torch.ones_like(ang), ang)
-    rot = torch.cat([torch.zeros(1, half, dtype=rot.dtype), rot])[:L]  # zero rows at the class token
+    cls_row = torch.ones(1, half, dtype=rot.dtype) if maskgil else torch.zeros(1, half, dtype=rot.dtype)
+    rot = torch.cat([cls_row, rot])[:L]  # the class token: identity (MaskGIL) or zero rows (LlamaGen)
 
     def rms(t, w):
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    def head_layer_norm(t, w, b):  # (B, L, H, hd); weights (H, 1, hd)
+        t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return t * w.transpose(0, 1) + b.transpose(0, 1)
 
     def rope(t):  # (B, L, H, hd)
         c = torch.view_as_complex(t.double().reshape(*t.shape[:-1], -1, 2).contiguous())
         return torch.view_as_real(c * rot[None, :, None]).flatten(3).float()
 
-    mask = torch.ones(L, L).tril().bool()
+    mask = torch.ones(L, L).bool() if maskgil else torch.ones(L, L).tril().bool()
     for i in range(n_layers):
         p = f"layers.{i}."
         hx = rms(x, sd[p + "attention_norm.weight"])
         q, k, v = (hx @ sd[p + "attention.wqkv.weight"].T).split(D, -1)
         q, k, v = [t.view(B, L, n_heads, hd) for t in (q, k, v)]
+        if maskgil:
+            q = head_layer_norm(q, sd[p + "attention.q_norm.weight"], sd[p + "attention.q_norm.bias"])
+            k = head_layer_norm(k, sd[p + "attention.k_norm.weight"], sd[p + "attention.k_norm.bias"])
         q, k = rope(q), rope(k)
         att = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(hd)
         att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = torch.einsum("bhlm,bmhd->blhd", att, v).reshape(B, L, D)
-        x = x + y @ sd[p + "attention.wo.weight"].T
+        y = torch.einsum("bhlm,bmhd->blhd", att, v).reshape(B, L, D) @ sd[p + "attention.wo.weight"].T
+        x = x + (rms(y, sd[p + "attention_post_norm.weight"]) if maskgil else y)
         hx = rms(x, sd[p + "ffn_norm.weight"])
         f = torch.nn.functional.silu(hx @ sd[p + "feed_forward.w1.weight"].T) * (hx @ sd[p + "feed_forward.w3.weight"].T)
-        x = x + f @ sd[p + "feed_forward.w2.weight"].T
-    return rms(x, sd["norm.weight"]) @ sd["output.weight"].T
+        f = f @ sd[p + "feed_forward.w2.weight"].T
+        x = x + (rms(f, sd[p + "ffn_post_norm.weight"]) if maskgil else f)
+    logits = rms(x, sd["norm.weight"]) @ sd["output.weight"].T
+    return logits[:, 1:] if maskgil else logits
 
 
 def test_llamagen_compat_forward_matches_independent_reference():
@@ -339,7 +369,51 @@ def test_llamagen_compat_forward_matches_independent_reference():
     assert not torch.allclose(ours(toks, cls), ref, atol=1e-3)  # identity prefix rotation differs
 
 
+def test_maskgil_forward_matches_independent_reference():
+    """The whole bidirectional MaskGIL forward (QK-Norm, 2D RoPE with an unrotated class token,
+    sandwich norms, final norm, logits at the image positions) against the paper's equations, with
+    random norm weights and biases so a missing, moved or swapped norm shows; masked inputs too."""
+    m = build_model("maskgil-b", n_layers=2, n_heads=4, dim=64, vocab_size=50, num_classes=7, grid_size=(3, 5),
+                    multiple_of=32).eval()
+    with torch.no_grad():
+        for name, v in m.named_parameters():
+            if "norm" in name:
+                v.copy_(torch.rand_like(v) + 0.5 if name.endswith("weight") else torch.rand_like(v) - 0.5)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    toks = torch.randint(0, 50, (2, 15))
+    toks[0, ::3] = m.mask_token_id  # the mask row is an embedding like any other
+    cls = torch.tensor([3, 7])  # 7 = the null class
+    ref = reference_llamagen_forward(sd, cls, toks, 2, 4, (3, 5), maskgil=True)
+    torch.testing.assert_close(m(toks, cls), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_paper_presets_pin_the_maskgil_and_llamagen_flags():
+    """MaskGIL = bidirectional + 2D RoPE + QK-Norm (LayerNorm) + Post-Norm; LlamaGen AR = causal,
+    2D RoPE, neither norm. maskgil-b is llamagen-b plus its mask-token row (768), per-head QK-Norm
+    weights and biases (12 layers x 2 x 2 x 768) and two post-norms (12 x 2 x 768)."""
+    flags = lambda c: (c.causal, c.rope, c.qk_norm, c.post_norm)  # noqa: E731
+    for size in ("b", "l", "xl", "xxl"):
+        assert flags(preset_config(f"maskgil-{size}")) == (False, "2d", "layernorm", True)
+        assert flags(preset_config(f"llamagen-{size}")) == (True, "2d", "none", False)
+    count = sum(p.numel() for p in build_model("maskgil-b", device="meta").parameters())
+    assert count == 110_888_448 + 768 + 12 * 2 * 2 * 768 + 12 * 2 * 768
+
+
 # ---------------------------------------------------------------- Bidirectional Transformer baseline
+def test_transformer_null_class_serves_cfg_and_label_dropout():
+    """The baseline's unconditional branch is its null class row (num_classes): drop_cond gives the
+    null row's logits, not the class's, and training with class_dropout=1 drops every label."""
+    m = build_model("transformer-tiny").eval()
+    toks, cls = torch.full((2, 64), m.mask_token_id), torch.tensor([3, 9])
+    null = torch.full_like(cls, m.config.num_classes)
+    dropped = m(toks, cls, drop_cond=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped, m(toks, null))
+    assert not torch.allclose(dropped, m(toks, cls), atol=1e-4)
+    always = build_model("transformer-tiny", class_dropout=1.0).train()
+    always.load_state_dict(m.state_dict())
+    torch.testing.assert_close(always(toks, cls), m(toks, null))
+
+
 def test_transformer_smaller_grid_adds_top_left_block_of_position_table():
     """A 4x6 grid inside the 8x8 table: token (r, c) gets pos_embedding[r, c], not row r*6+c of
     the flattened table (that would give token (1, 0) the entry of (0, 6))."""

@@ -97,14 +97,29 @@ def test_same_seed_same_sample_and_different_seed_differs():
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     y1 = sample_ar(a, c, cfg_scale=2.0, top_k=50, generator=gen(11))
     y2 = sample_ar(a, c, cfg_scale=2.0, top_k=50, generator=gen(11))
-    assert torch.equal(y1, y2)
+    y3 = sample_ar(a, c, cfg_scale=2.0, top_k=50, generator=gen(12))
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
 
 
-def greedy_by_recomputation(model, cond, n, cfg_scale):
-    """Greedy AR decoding without a cache: a full forward over the sequence at every step."""
+def test_choice_noise_is_standard_gumbel():
+    """MaskGIT's confidence noise is Gumbel(0, 1): mean = Euler's gamma, variance pi^2 / 6, and its
+    CDF exp(-exp(-x)) (Kolmogorov-Smirnov distance, ~0.003 expected at this size)."""
+    g = maskgit_sampler.gumbel_noise((200_000,), generator=gen(4)).double()
+    assert abs(g.mean().item() - 0.5772) < 0.02 and abs(g.var().item() - math.pi ** 2 / 6) < 0.05
+    x = g.sort().values
+    empirical = torch.arange(1, len(x) + 1, dtype=torch.float64) / len(x)
+    assert (empirical - torch.exp(-torch.exp(-x))).abs().max() < 0.01
+
+
+def greedy_by_recomputation(model, cond, n, cfg_scale, prefix=None):
+    """Greedy AR decoding without a cache: a full forward over the sequence at every step (after
+    the `prefix` tokens, if given)."""
     B, N = len(cond), 64
     toks = torch.zeros(B, N, dtype=torch.long)
-    for i in range(n):
+    k = 0 if prefix is None else prefix.shape[1]
+    if k:
+        toks[:, :k] = prefix
+    for i in range(k, n):
         logits = guided_logits(model, toks, cond, (8, 8), cfg_scale)  # causal: position i sees tokens < i
         toks[:, i] = logits[:, i].argmax(-1)
     return toks[:, :n]
@@ -116,6 +131,17 @@ def test_kv_cache_decoding_equals_full_recomputation(cfg_scale):
     c = torch.tensor([0, 15, 6])
     cached = sample_ar(a, c, cfg_scale=cfg_scale, top_k=1)
     torch.testing.assert_close(cached, greedy_by_recomputation(a, c, 64, cfg_scale))
+
+
+def test_ar_continues_after_prefix_tokens():
+    """prefix_tokens enter the KV cache: the greedy continuation equals a full recomputation that
+    starts from them, and the prefix comes back unchanged."""
+    a, c = ar_model(), torch.tensor([0, 15, 6])
+    prefix = torch.randint(0, 512, (3, 20), generator=gen(3))
+    out = sample_ar(a, c, cfg_scale=3.0, top_k=1, prefix_tokens=prefix)
+    assert out.shape == (3, 64) and torch.equal(out[:, :20], prefix)
+    torch.testing.assert_close(out, greedy_by_recomputation(a, c, 64, 3.0, prefix))
+    assert not torch.equal(out[:, 20:], sample_ar(a, c, cfg_scale=3.0, top_k=1)[:, 20:])  # the prefix matters
 
 
 def test_kv_cache_with_text_prefix_equals_full_recomputation():

@@ -236,6 +236,24 @@ def test_quantizer_losses_straight_through_and_usage():
     assert (q.codebook_used[:4] == -1).all()
 
 
+def test_codebook_loss_trains_the_codes_and_commitment_the_encoder():
+    """VQ-VAE's stop-gradients: ||sg[z] - e||^2 moves only the codebook, beta ||z - sg[e]||^2 only
+    the encoder output, each with the gradient of its own mean squared error."""
+    q = VectorQuantizer(codebook_size=10, dim=3, l2_norm=False, beta=0.25, usage_window=12)
+    z = torch.randn(2, 3, 2, 2, requires_grad=True)
+    _, losses, codes = q(z)
+    e_sel = q.embedding.weight.detach()[codes].permute(0, 3, 1, 2)  # (2, 3, 2, 2)
+    diff = z.detach() - e_sel  # d/dz mean((z - e)^2) = 2 (z - e) / n
+    losses["codebook"].backward()
+    assert z.grad is None and q.embedding.weight.grad.abs().sum() > 0
+    grad_e = torch.zeros(10, 3).index_add_(0, codes.flatten(), -2 * diff.permute(0, 2, 3, 1).reshape(-1, 3) / diff.numel())
+    torch.testing.assert_close(q.embedding.weight.grad, grad_e)
+    q.embedding.weight.grad = None
+    losses["commitment"].backward()
+    assert q.embedding.weight.grad is None
+    torch.testing.assert_close(z.grad, 0.25 * 2 * diff / diff.numel())
+
+
 # -- code locality (the tiny VQ drops GroupNorm and attention) -----------------------------------
 def _encoder_latent(tok, x):
     with torch.no_grad():

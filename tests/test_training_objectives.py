@@ -91,6 +91,8 @@ def test_class_dropout_rate_and_null_class_passthrough():
                       class_dropout=0.1, generator=g)
     frac = model.seen[2].float().mean().item()
     assert 0.08 < frac < 0.12  # Binomial(4000, 0.1): sd 0.0047
+    # the labels reach the model unchanged: drop_cond, not a rewritten label, selects the null row
+    assert torch.equal(model.seen[1], torch.arange(4000) % 7)
 
 
 def tiny(name):
@@ -212,6 +214,8 @@ def test_next_token_loss_drops_the_condition_at_the_class_dropout_rate():
                     generator=torch.Generator().manual_seed(0))
     frac = model.seen[2].float().mean().item()
     assert 0.08 < frac < 0.12  # Binomial(4000, 0.1): sd 0.0047
+    # the labels reach the model unchanged: drop_cond, not a rewritten label, selects the null row
+    assert torch.equal(model.seen[1], torch.arange(4000) % 7)
     assert torch.equal(model.seen[1], cond)  # the model gets the ids; it swaps in the null class itself
     again = FixedLogits(torch.zeros(4000, 2, 5))
     next_token_loss(again, torch.zeros(4000, 2, dtype=torch.long), cond, (1, 2), class_dropout=0.1,
