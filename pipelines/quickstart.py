@@ -224,6 +224,8 @@ def main(argv=None) -> int:
 def stage_dataset(path: Path, args) -> dict:
     from maskgil.data.embedded import write_imagenet_folder
 
+    for split in ("train", "val"):  # a smaller --n-train must not leave the last run's extra images behind
+        shutil.rmtree(path / split, ignore_errors=True)
     write_imagenet_folder(path, n_train=args.n_train, n_val=512, size=64, seed=0)
     return {"n_train": args.n_train, "n_val": 512, "size": 64, "train_dir": str(path / "train")}
 

@@ -71,6 +71,18 @@ def test_seed_reaches_the_tokenizer_and_both_generators(tmp_path):
     assert seeds("--seed", "3", "--set", "train.seed=5") == (3, [5, 5])
 
 
+def test_a_smaller_dataset_replaces_the_last_one(tmp_path):
+    """Recomputing the dataset stage with fewer images leaves none of the old extra images behind
+    (the tokenizer reads every file in the folder)."""
+    from pipelines.quickstart import stage_dataset
+
+    stage_dataset(tmp_path, parse_args(["--n-train", "48"]))
+    (tmp_path / "train" / "stray.JPEG").write_bytes(b"x")
+    stage_dataset(tmp_path, parse_args(["--n-train", "16"]))
+    assert len(list((tmp_path / "train").rglob("*.JPEG"))) == 16
+    assert len(list((tmp_path / "val").rglob("*.JPEG"))) == 512
+
+
 def test_a_bad_override_stops_the_quickstart_before_any_stage(capsys):
     """--set is read with the generators' run files at start-up: a mistake there must not surface
     only after the tokenizer has trained for minutes."""
