@@ -173,13 +173,22 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, extra: Mapp
     model_type = getattr(type(model), "model_type", None)
     if model_type is None:
         raise TypeError(f"{type(model).__name__} is not registered with @register_model")
+    # The config text first: an `extra` JSON cannot hold fails here, before any file is touched.
+    meta = {"model_type": model_type, "config": config_to_dict(model.config), "extra": dict(extra or {})}
+    config_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     # safetensors refuses shared storage: clone every tensor into its own contiguous buffer.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"model_type": model_type})
-    os.replace(tmp, path / WEIGHTS_NAME)
-    meta = {"model_type": model_type, "config": config_to_dict(model.config), "extra": dict(extra or {})}
-    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # Both files are written whole and flushed to disk under temporary names, then renamed back to
+    # back: a crash or kill leaves the last good checkpoint (or, between the two renames, new weights
+    # beside the old config), never a truncated config.json.
+    weights_tmp, config_tmp = path / (WEIGHTS_NAME + ".tmp"), path / (CONFIG_NAME + ".tmp")
+    save_file(tensors, str(weights_tmp), metadata={"model_type": model_type})
+    config_tmp.write_text(config_text)
+    for tmp in (weights_tmp, config_tmp):
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(weights_tmp, path / WEIGHTS_NAME)
+    os.replace(config_tmp, path / CONFIG_NAME)
     return path
 
 

@@ -440,6 +440,25 @@ def test_checkpoint_directory_round_trip(tmp_path, name):
     torch.testing.assert_close(m(toks, torch.tensor([1, 2])), m2(toks, torch.tensor([1, 2])))
 
 
+def test_a_failed_save_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    """A save that fails (an `extra` JSON cannot hold; a kill while config.json is written) keeps the
+    previous checkpoint loadable and whole: its weights beside its own config."""
+    import maskgil.checkpoint as ckpt
+
+    m = build_model("maskgil-tiny").eval()
+    save_pretrained(m, tmp_path / "ckpt", extra={"step": 1})
+    other = build_model("maskgil-tiny", num_classes=32).eval()
+    with pytest.raises(TypeError):
+        save_pretrained(other, tmp_path / "ckpt", extra={"where": tmp_path})
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("killed mid-save")))
+    with pytest.raises(OSError, match="killed"):
+        save_pretrained(other, tmp_path / "ckpt", extra={"step": 2})
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config == m.config and ckpt.read_config(tmp_path / "ckpt")["extra"] == {"step": 1}
+    toks = torch.randint(0, 512, (2, 64))
+    torch.testing.assert_close(loaded(toks, torch.tensor([1, 2])), m(toks, torch.tensor([1, 2])))
+
+
 def test_text_conditioning_prefix():
     m = small(cond="text", text_dim=24, text_len=6)
     feats = torch.randn(2, 4, 24)
