@@ -21,14 +21,23 @@ CONV_MEMORY_FORMAT = torch.channels_last
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """True if `device` runs bf16 matmuls in hardware (CUDA with bf16 support; CPU with AMX or AVX512-BF16)."""
-    return _native_bf16(torch.device(device).type)
+    """True if `device` runs bf16 matmuls in hardware (NVIDIA from Ampere on, AMD ROCm GPUs; CPU with
+    AMX or AVX512-BF16). Older NVIDIA cards (V100, T4) only emulate bf16, slower than fp32."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else (torch.cuda.current_device()
+                                                           if device.type == "cuda" and torch.cuda.is_available() else 0)
+    return _native_bf16(device.type, index)
 
 
 @functools.lru_cache(maxsize=None)  # the hardware does not change: probe once, not on every train_step
-def _native_bf16(device_type: str) -> bool:
+def _native_bf16(device_type: str, index: int = 0) -> bool:
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        if torch.version.hip:
+            return True
+        # torch.cuda.is_bf16_supported() also says True where bf16 is only emulated (pre-Ampere)
+        return torch.cuda.get_device_capability(index)[0] >= 8
     if device_type == "cpu":
         # Private but long-standing probes (torch.cpu); a torch without them counts as no support.
         probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))

@@ -18,6 +18,8 @@ def test_to_uint8_nhwc_rounds_like_the_metrics_and_refuses_out_of_range():
     assert np.array_equal(to_uint8_nhwc(nhwc), nhwc)  # uint8 passes through, layout kept
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         to_uint8_nhwc(torch.full((1, 3, 2, 2), 1.5))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):  # a diverged decoder's NaN is not a black pixel
+        to_uint8_nhwc(torch.tensor([0.0, float("nan"), 0.5, 0.1]).view(1, 1, 2, 2).expand(1, 3, 2, 2))
 
 
 def test_image_grid_places_each_image_row_major_inside_white_gutters(tmp_path):

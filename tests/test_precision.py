@@ -21,6 +21,20 @@ def test_resolve_precision(monkeypatch):
     assert native_bf16("meta") is False
 
 
+def test_auto_precision_skips_gpus_that_only_emulate_bf16(monkeypatch):
+    """V100/T4 (compute capability 7.x) emulate bf16 (torch.cuda.is_bf16_supported() says True);
+    Ampere (8.x) and later multiply it natively. The probe asks the device it is given."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, c=capability: asked.append(i) or c)
+        precision._native_bf16.cache_clear()
+        assert native_bf16("cuda:1") is native and resolve_precision("auto", "cuda:1") == ("bf16" if native else "fp32")
+    assert set(asked) == {1}
+    precision._native_bf16.cache_clear()
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="needs Linux /proc/cpuinfo")
 def test_native_bf16_on_cpu_matches_the_cpu_flags():
     flags = set()

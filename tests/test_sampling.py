@@ -55,6 +55,15 @@ def test_revealed_per_step_follows_cosine_schedule(steps):
     assert not (trace[-1]["tokens"] == m.mask_token_id).any()
 
 
+def test_every_step_reveals_a_token_when_steps_equal_the_unknown_count():
+    """n tokens in n steps reveal one each, for every schedule (n * (1 - 4/5) is 0.999... in floats:
+    the linear schedule had floored it to 0, revealed 2 at step 4 and nothing at the last)."""
+    assert reveal_counts(5, 5, "linear") == [1] * 5
+    for kind in ("cosine", "linear", "arccos"):
+        for n in range(1, 65):
+            assert reveal_counts(n, n, kind) == [1] * n, (kind, n)
+
+
 def test_schedules_and_training_counts():
     assert masked_after_steps(256, 8, "linear") == [224, 192, 160, 128, 96, 64, 32, 0]
     assert sum(reveal_counts(100, 8, "arccos")) == 100
@@ -473,6 +482,17 @@ def test_out_of_range_sampling_knobs_are_refused_not_ignored(capsys):
             filter_logits(l, **kw)
         with pytest.raises(ValueError, match=name):
             SamplerSpec(**kw)
+    m, a = mar_model(), ar_model()
+    for kw in (dict(cfg_scale=math.nan), dict(cfg_scale=-1.0), dict(choice_temperature=math.nan),
+               dict(choice_temperature=-0.5), dict(choice_temperature=math.inf), dict(top_k=3.0)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=name):  # NaN confidences had revealed in arbitrary order
+            SamplerSpec(**kw)
+        with pytest.raises(ValueError, match=name):
+            sample_maskgit(m, torch.tensor([1]), **kw)
+        if name != "choice_temperature":
+            with pytest.raises(ValueError, match=name):
+                sample_ar(a, torch.tensor([1]), **kw)
     for kw in (dict(top_k=0), dict(top_k=4), dict(top_k=10), dict(top_p=1.0), dict(top_k=None, top_p=None)):
         assert torch.equal(filter_logits(l, **kw), l)
         SamplerSpec(**kw)

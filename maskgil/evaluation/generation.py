@@ -62,7 +62,7 @@ class SamplerSpec:
         from maskgil.sampling.schedules import mask_fraction
 
         # Bad sampling knobs stop here (a CLI error, a failed Tune trial), not after the models load.
-        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.choice_temperature)
         mask_fraction(0.0, self.schedule)  # raises on an unknown schedule
         cfg_scale_at(self.cfg_scale, 1.0, self.cfg_schedule)
 

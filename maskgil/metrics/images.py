@@ -31,7 +31,7 @@ def to_minus_one_one(images) -> torch.Tensor:
         return x.float() / 127.5 - 1.0
     if x.numel():
         lo, hi = float(x.min()), float(x.max())
-        if lo < -1.001 or hi > 1.001:
+        if not (lo >= -1.001 and hi <= 1.001):  # written so that NaN fails too (it would become black)
             raise ValueError(f"float images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] "
                              "(uint8 images are taken as 0..255)")
     return x.float().clamp(-1, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from maskgil.sampling.compiled import compiled_method
-from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, check_sampling_args, sample_tokens
 
 
 @torch.no_grad()
@@ -21,6 +21,7 @@ def sample_ar(model, cond, grid: tuple[int, int] | None = None, cfg_scale: float
     ones, and the KV cache stays allocated for the next call of the same shape."""
     if not model.config.causal:
         raise ValueError("AR decoding needs a causal model")
+    check_sampling_args(temperature, top_k, top_p, cfg_scale=cfg_scale)
     h, w = grid = tuple(grid or model.config.grid_size)
     N = h * w
     k0 = 0 if prefix_tokens is None else prefix_tokens.shape[1]

@@ -1,6 +1,8 @@
 """Logit processing shared by the samplers: CFG, temperature, top-k / top-p, sampling."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -18,13 +20,19 @@ def cfg_scale_at(scale: float, progress: float, schedule: str = "constant") -> f
     raise ValueError(f"cfg schedule must be 'constant' or 'linear', got {schedule!r}")
 
 
-def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+def check_sampling_args(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        cfg_scale: float = 1.0, choice_temperature: float = 0.0) -> None:
     """Refuse settings that would silently sample something else: temperature a finite number > 0,
-    top_k None or 0 (off) or an integer >= 1 (k > vocab keeps all), top_p None (off) or in (0, 1]."""
+    top_k None or 0 (off) or an integer >= 1 (k > vocab keeps all), top_p None (off) or in (0, 1],
+    cfg_scale and MaskGIT's choice_temperature finite numbers >= 0 (a NaN choice temperature
+    reveals in arbitrary order; a NaN scale fails steps later)."""
     if not (0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0 (top_k=1 decodes greedily), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be None or 0 (off), or an integer >= 1 (keep the k likeliest), got {top_k!r}")
+    for name, value in (("cfg_scale", cfg_scale), ("choice_temperature", choice_temperature)):
+        if not (isinstance(value, numbers.Real) and 0 <= value < float("inf")):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if top_p is not None and not (0 < top_p <= 1):
         raise ValueError(f"top_p must be None (off) or in (0, 1] (keep the smallest set of codes reaching that "
                          f"probability), got {top_p!r}")

@@ -12,7 +12,7 @@ import torch
 
 from maskgil.models.llama import check_class_ids
 from maskgil.sampling.compiled import compiled_method
-from maskgil.sampling.logits import cfg_combine, cfg_scale_at, sample_tokens
+from maskgil.sampling.logits import cfg_combine, cfg_scale_at, check_sampling_args, sample_tokens
 from maskgil.sampling.schedules import masked_after_steps
 
 
@@ -56,6 +56,7 @@ def sample_maskgit(model, cond, grid: tuple[int, int] | None = None, steps: int 
     mask_id = model.mask_token_id
     if mask_id is None:
         raise ValueError("MaskGIT decoding needs a masked (bidirectional) model")
+    check_sampling_args(temperature, top_k, cfg_scale=cfg_scale, choice_temperature=choice_temperature)
     grid = tuple(grid or model.config.grid_size)
     tokens, plan = start_tokens(init_tokens, len(cond), grid, mask_id, steps, schedule,
                                 next(model.parameters()).device)

@@ -34,7 +34,8 @@ def masked_after_steps(n_unknown: int, steps: int, kind: str = "cosine") -> list
         raise ValueError(f"steps must be >= 1, got {steps}")
     out, prev = [], n_unknown
     for i in range(steps):
-        m = 0 if i == steps - 1 else math.floor(n_unknown * mask_fraction((i + 1) / steps, kind))
+        # + 1e-9: n * (1 - 4/5) is 0.999... in floats; an exact count must not floor to the one below
+        m = 0 if i == steps - 1 else math.floor(n_unknown * mask_fraction((i + 1) / steps, kind) + 1e-9)
         m = max(0, min(m, prev - 1)) if prev > 0 else 0
         out.append(m)
         prev = m

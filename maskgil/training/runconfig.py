@@ -90,7 +90,7 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
                 if ok is not None and not ok(values[key]):
                     raise ValueError(f"{name} must be {accepted}, got {values[key]!r}")
     try:  # the sampler's own check: the end-of-run grid accepts what the sampler does
-        check_sampling_args(cfg["sample"]["temperature"], cfg["sample"]["top_k"])
+        check_sampling_args(cfg["sample"]["temperature"], cfg["sample"]["top_k"], cfg_scale=cfg["sample"]["cfg_scale"])
     except ValueError as e:
         raise ValueError(f"sample.{e}") from None
     train = TrainConfig.from_dict(cfg["train"])  # raises on unknown keys and wrong types (workers coerce alike)
