@@ -71,6 +71,11 @@ def test_tiny_configs_and_overrides():
         load_run_config(None, {"train": {"learning_rate": 1}})
     with pytest.raises(ValueError, match="section.key=value"):
         parse_overrides(["max_steps=3"])
+    # One model field from the command line (the form the pre-run checks suggest) keeps the file's
+    # others: replacing the whole dict had trained a 256-wide model instead of the file's 128.
+    for item in ("train.model_overrides.vocab_size=256", "train.model_overrides={vocab_size: 256}"):
+        cfg = load_run_config(CONFIGS / "train_maskgil_tiny.yaml", parse_overrides([item]))
+        assert cfg["train"]["model_overrides"] == {"dim": 128, "multiple_of": 32, "vocab_size": 256}, item
     # The text-conditional pair differs from the class pair only by the text prefix, which Serve's
     # fusion needs to be the same in both models.
     text = {k: load_run_config(CONFIGS / f"train_{k}_t2i_tiny.yaml")["train"] for k in ("maskgil", "llamagen")}

@@ -56,19 +56,28 @@ def _merge(base: dict, new: dict, where: str) -> dict:
             raise ValueError(f"unknown section {k!r} in run config; sections: {sorted(DEFAULTS)}")
         if where and where != "train" and k not in base:
             raise ValueError(f"unknown key {where}.{k}; known: {sorted(base)}")
-        out[k] = _merge(base[k], v, k) if where == "" else v
+        if where == "train" and k == "model_overrides" and isinstance(v, dict) and isinstance(base.get(k), dict):
+            out[k] = {**base[k], **v}  # one field changed, the file's other model fields kept
+        else:
+            out[k] = _merge(base[k], v, k) if where == "" else v
     return out
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """['train.max_steps=200', 'run.name=x'] -> nested dict, values parsed as YAML scalars/lists."""
+    """['train.max_steps=200', 'train.model_overrides.dim=64'] -> nested dict, values parsed as YAML
+    scalars/lists. model_overrides merge field by field into the run file's."""
     out: dict = {}
     for item in items or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        *parents, name = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} sets a field inside {part!r}, which another override set whole")
+        node[name] = yaml.safe_load(value)
     return out
 
 
