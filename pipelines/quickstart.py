@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             done = stage_done(path)
             inputs = {s: summary[s]["id"] for s in NEEDS[name]}
             reason = recompute_reason(name, done, settings, redo, inputs)
-            if reason is None and name == "tokenizer" and done.get("steps", 0) < args.tokenizer_steps:
+            if reason is None and name == "tokenizer" and tokenizer_wants_more(done, args):
                 reason = f"continuing from step {done.get('steps', 0)} to {args.tokenizer_steps}"
             if reason is None:
                 print(f"[{name}] already complete in {path} (use --redo {name} to recompute)")
@@ -283,9 +283,25 @@ def stage_tokenizer(path: Path, args, resume: bool) -> dict:
         grid = save_recon_grid(tok, val[::16][:8], path / "reconstructions.png")
         mlflow.log_metric("val_psnr", val_psnr)
         mlflow.log_artifact(str(grid))
+    capped = trainer.step < args.tokenizer_steps
+    if capped:
+        print(f"[tokenizer] stopped by --tokenizer-minutes {args.tokenizer_minutes:g} at step {trainer.step} of "
+              f"{args.tokenizer_steps}; a rerun continues it only with more --tokenizer-minutes or --tokenizer-steps",
+              flush=True)
     return {"preset": args.tokenizer_preset, "precision": trainer.precision, "steps": trainer.step,
             "val_psnr_db": round(val_psnr, 2),
-            "codebook_usage": history[-1].get("usage_window") if history else None}
+            "codebook_usage": history[-1].get("usage_window") if history else None,
+            "time_capped": capped, "steps_asked": args.tokenizer_steps, "minutes_cap": args.tokenizer_minutes}
+
+
+def tokenizer_wants_more(done: dict, args) -> bool:
+    """A finished tokenizer stage is continued when it stopped short of --tokenizer-steps, except
+    when --tokenizer-minutes stopped it and the same steps and cap are asked again (that rerun
+    would train a few more minutes and redo every stage after it)."""
+    if done.get("steps", 0) >= args.tokenizer_steps:
+        return False
+    return not (done.get("time_capped") and done.get("steps_asked") == args.tokenizer_steps
+                and args.tokenizer_minutes <= done.get("minutes_cap", 0))
 
 
 def stage_classifier(path: Path, args) -> dict:

@@ -71,6 +71,18 @@ def test_seed_reaches_the_tokenizer_and_both_generators(tmp_path):
     assert seeds("--seed", "3", "--set", "train.seed=5") == (3, [5, 5])
 
 
+def test_a_time_capped_tokenizer_is_continued_only_when_asked_for_more():
+    from pipelines.quickstart import tokenizer_wants_more
+
+    capped = {"steps": 770, "time_capped": True, "steps_asked": 1000, "minutes_cap": 4.0}
+    assert not tokenizer_wants_more(capped, parse_args([]))  # the same command: the stage is final
+    assert tokenizer_wants_more(capped, parse_args(["--tokenizer-minutes", "6"]))
+    assert tokenizer_wants_more(capped, parse_args(["--tokenizer-steps", "1200"]))
+    assert not tokenizer_wants_more(capped, parse_args(["--tokenizer-steps", "700"]))
+    assert tokenizer_wants_more({"steps": 500}, parse_args([]))  # an older record without the cap: as before
+    assert not tokenizer_wants_more({"steps": 1000, "time_capped": False}, parse_args([]))
+
+
 def test_a_smaller_dataset_replaces_the_last_one(tmp_path):
     """Recomputing the dataset stage with fewer images leaves none of the old extra images behind
     (the tokenizer reads every file in the folder)."""
