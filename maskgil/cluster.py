@@ -28,10 +28,17 @@ def init_ray(address: str | None = None, *, env: dict[str, str] | None = None, *
     ray.init(address=address, **kwargs)
 
 
-def worker_group_shortfall(per_worker: dict[str, float], num_workers: int, cluster: dict[str, float]) -> str | None:
-    """What a worker group needs beyond the cluster's total resources, in words; None if it fits."""
+def worker_group_shortfall(per_worker: dict[str, float], num_workers: int, cluster: dict[str, float],
+                           nodes: list[dict[str, float]] | None = None) -> str | None:
+    """What a worker group needs beyond the cluster's total resources, or (given the alive `nodes`'
+    resources) what one worker needs beyond any single node, in words; None if it fits. A worker is
+    placed on one node: 8 GPUs a worker on two 4-GPU nodes never starts."""
     short = [f"{need:g} {k} ({num_workers} workers x {v:g}) where the cluster has {cluster.get(k, 0.0):g}"
              for k, v in per_worker.items() if (need := v * num_workers) > cluster.get(k, 0.0) + 1e-9]
+    if not short and nodes and not any(all(v <= n.get(k, 0.0) + 1e-9 for k, v in per_worker.items()) for n in nodes):
+        largest = ", ".join(f"{k} {max(n.get(k, 0.0) for n in nodes):g}" for k in per_worker)
+        short = [f"{' + '.join(f'{v:g} {k}' for k, v in per_worker.items())} on one node for each worker, where no "
+                 f"node has that much (the most on any node: {largest})"]
     return "; ".join(short) or None
 
 
@@ -42,7 +49,8 @@ def check_worker_group_fits(per_worker: dict[str, float], num_workers: int, cpu_
     warning. `cpu_hint` says how to train on CPUs instead, `size_settings` which settings size the group."""
     import ray
 
-    short = worker_group_shortfall(per_worker, num_workers, ray.cluster_resources())
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    short = worker_group_shortfall(per_worker, num_workers, ray.cluster_resources(), nodes)
     if short is None:
         return
     hint = (f"{cpu_hint}, or " if "GPU" in short else "") + f"lower {size_settings}"

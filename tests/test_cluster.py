@@ -51,3 +51,11 @@ def test_worker_group_shortfall_by_hand():
     assert worker_group_shortfall({"CPU": 1.0, "GPU": 1.0}, 8, {"CPU": 16.0, "GPU": 4.0}) == \
         "8 GPU (8 workers x 1) where the cluster has 4"
     assert worker_group_shortfall({"CPU": 1.5}, 2, {}) == "3 CPU (2 workers x 1.5) where the cluster has 0"
+    # Two 4-GPU nodes hold 8 GPUs, but not one worker of 8: that worker would never be placed.
+    two_nodes = [{"CPU": 32.0, "GPU": 4.0}, {"CPU": 32.0, "GPU": 4.0}]
+    assert worker_group_shortfall({"CPU": 1.0, "GPU": 8.0}, 1, {"CPU": 64.0, "GPU": 8.0}, two_nodes) == \
+        "1 CPU + 8 GPU on one node for each worker, where no node has that much (the most on any node: CPU 32, GPU 4)"
+    assert worker_group_shortfall({"CPU": 1.0, "GPU": 4.0}, 2, {"CPU": 64.0, "GPU": 8.0}, two_nodes) is None
+    # CPUs on one node and GPUs on another do not add up to a worker either
+    split = [{"CPU": 8.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert worker_group_shortfall({"CPU": 2.0, "GPU": 1.0}, 1, {"CPU": 9.0, "GPU": 1.0}, split) is not None
