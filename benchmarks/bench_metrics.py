@@ -9,12 +9,15 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
-import numpy as np
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskgil.metrics import InceptionFeatureExtractor, frechet_distance, precision_recall
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from maskgil.metrics import InceptionFeatureExtractor, frechet_distance, precision_recall  # noqa: E402
 
 
 def bench_inception(device: str, image_size: int, batch_size: int, batches: int) -> dict:

@@ -3,19 +3,24 @@
     python benchmarks/bench_pretokenize.py                       # 256 px, llamagen-vq (random weights)
     python benchmarks/bench_pretokenize.py --tokenizer-preset llamagen-vq-tiny --image-size 64 --n 512
 
-Stages measured alone (same images, same process count as the pipeline's tokenizer pool):
+Stages measured alone, in this one process (same images; the tokenizer with --threads torch
+threads, as each pipeline tokenizer worker has):
   decode+crop  read file -> decode_image -> ADM centre crop
   tokenizer    tok.encode on pre-cropped uint8 batches
 Pipeline: `run_pretokenize` on a local Ray with the same CPUs; images/s end to end (including Ray
 start-up of the actor pool) and marginal: (n - one shard) / (time for n - time for a one-shard set),
-which removes the fixed start-up cost.
+which removes the fixed start-up cost (null when the full set was not slower than the one-shard set:
+too few images to tell).
 On CPU, Ray Data fuses decode and tokenize into one actor, so the reference for one worker is the
 serial rate 1 / (1/decode + 1/tokenize); with GPUs the stages overlap and the reference is the
-slowest stage. Random tokenizer weights: the throughput of a VQ encoder does not depend on them.
+slowest stage. Both references are one process's rates, so the `_one_process` ratios compare W
+tokenizer workers with one (ideal scaling: W); the `_per_worker_` ratios divide by W (ideal: 1).
+Random tokenizer weights: the throughput of a VQ encoder does not depend on them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -97,10 +102,12 @@ def main() -> None:
                                             decode_cpus=args.decode_cpus,
                                             # share what decoding leaves; each actor still runs --threads torch threads
                                             cpus_per_tokenizer=min(float(args.threads), (args.num_cpus - args.decode_cpus) / w))
-                    s = run_pretokenize(cfg, progress=False)
+                    with contextlib.redirect_stdout(sys.stderr):  # its plan lines: stdout is JSON only
+                        s = run_pretokenize(cfg, progress=False)
                     assert s["reconciled"]
                     seconds[name] = s["seconds"]
-                marginal = (args.n - args.rows_per_shard) / (seconds["data"] - seconds["small"])
+                extra_s = seconds["data"] - seconds["small"]
+                marginal = (args.n - args.rows_per_shard) / extra_s if extra_s > 0 else None
                 runs.append({"tokenizer_workers": w, "end_to_end_images_per_s": args.n / seconds["data"],
                              "seconds": seconds["data"], "one_shard_seconds": seconds["small"],
                              "marginal_images_per_s": marginal})
@@ -108,11 +115,15 @@ def main() -> None:
             ray.shutdown()
 
     dec, tk = result["decode_crop_images_per_s"], result["tokenizer_images_per_s"]
+    result["stage_rates_measured_in"] = "one process (tokenizer: --threads torch threads)"
     result["slowest_stage_images_per_s"] = min(dec, tk)
     result["serial_reference_images_per_s"] = 1 / (1 / dec + 1 / tk)
     for r in runs:
-        r["marginal_vs_slowest_stage"] = r["marginal_images_per_s"] / result["slowest_stage_images_per_s"]
-        r["marginal_vs_serial_reference"] = r["marginal_images_per_s"] / result["serial_reference_images_per_s"]
+        m, w = r["marginal_images_per_s"], r["tokenizer_workers"]
+        for ref in ("slowest_stage", "serial_reference"):
+            rate = result[f"{ref}_images_per_s"]
+            r[f"marginal_vs_{ref}_one_process"] = m / rate if m is not None else None
+            r[f"marginal_per_worker_vs_{ref}_one_process"] = m / (w * rate) if m is not None else None
     result["pipeline"] = runs
     text = json.dumps(result, indent=2)
     print(text)

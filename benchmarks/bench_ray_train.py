@@ -63,7 +63,11 @@ def _plain_rank(rank: int, world: int, args: dict, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def plain_ddp(args: dict, port: int) -> dict:
+def plain_ddp(args: dict, port: int, poll_s: float = 1.0) -> dict:
+    """Rank 0's timings. Polls the result queue and the ranks: if a rank exits without rank 0's
+    result (an exception, a kill), the others are stopped and this raises instead of waiting forever."""
+    import queue as queue_mod
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -71,7 +75,30 @@ def plain_ddp(args: dict, port: int) -> dict:
     procs = [ctx.Process(target=_plain_rank, args=(r, args["workers"], args, port, queue)) for r in range(args["workers"])]
     for p in procs:
         p.start()
-    out = queue.get()
+    try:
+        while True:
+            try:
+                out = queue.get(timeout=poll_s)
+                break
+            except queue_mod.Empty:
+                pass
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                raise RuntimeError("plain DDP: " + ", ".join(f"rank {r} exited with code {c}" for r, c in failed)
+                                   + " before rank 0 reported (any traceback is on stderr above)")
+            if all(p.exitcode == 0 for p in procs):
+                try:  # rank 0 put its result before exiting: take what the queue still holds
+                    out = queue.get(timeout=poll_s)
+                    break
+                except queue_mod.Empty:
+                    raise RuntimeError("plain DDP: every rank exited cleanly but rank 0 reported nothing") from None
+    except BaseException:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        raise
     for p in procs:
         p.join()
     return out
@@ -112,9 +139,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, default=0.5, help="as the quickstart's configs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=150, help="steps per side and round (> 10: the median is "
+                   "over the steps after 10 warm-up steps)")
     p.add_argument("--rounds", type=int, default=2, help="plain/Ray pairs, interleaved")
     a = p.parse_args()
+    if a.steps <= 10:
+        p.error("--steps must be > 10 (the median is taken after 10 warm-up steps)")
     args = {"preset": a.preset, "dim": a.dim, "vocab": a.vocab, "batch": a.batch, "workers": a.workers,
             "cpus_per_worker": a.cpus_per_worker, "threads": a.threads, "steps": a.steps}
 

@@ -7,6 +7,12 @@ fusion requests at several concurrencies, with dynamic batching on and off, in o
 
 Goal (issue 7): with batching, MAR throughput at concurrency 32 >= 4x concurrency 1 on the tiny
 preset, with zero failed requests. Each cell is bounded by a request count and a time limit.
+--mar, --ar and --tokenizer go together (all three or none: none means random tiny checkpoints).
+Per cell, from each request's X-Timings: `stage_compute_ms_per_request` is each generator stage's
+(AR, MAR) replica batch compute time shared out over the requests in its batch, and
+`model_compute_ms_per_request` their sum (fusion: AR + MAR; the decoder is not included);
+`mean_batch_requests` is per stage too (`stage_mean_batch_requests`), the top-level figure being
+the last generator stage's (`batch_stage`: MAR for MAR and fusion requests, AR for AR ones).
 """
 import argparse
 import asyncio
@@ -45,7 +51,8 @@ async def run_cell(url: str, body: dict, concurrency: int, n_requests: int, max_
     """`concurrency` closed-loop clients share `n_requests`; stop early after `max_seconds`."""
     import httpx
 
-    latencies, failures, batch_sizes, compute_per_request = [], [], [], []
+    latencies, failures = [], []
+    batch_sizes, compute_per_request = {"ar": [], "mar": []}, {"ar": [], "mar": []}  # per generator stage
     next_id = 0
     deadline = time.perf_counter() + max_seconds
 
@@ -64,10 +71,11 @@ async def run_cell(url: str, body: dict, concurrency: int, n_requests: int, max_
             if ok:
                 latencies.append(dt)
                 timings = json.loads(r.headers["x-timings"])
-                stage = "mar" if "mar" in timings else "ar"
-                batch_sizes.append(timings[stage]["batch_requests"])
-                # the replica's batch compute time shared out over the requests in the batch
-                compute_per_request.append(timings[stage]["compute_ms"] / timings[stage]["batch_requests"])
+                for stage in ("ar", "mar"):  # fusion requests run both
+                    if stage in timings:
+                        batch_sizes[stage].append(timings[stage]["batch_requests"])
+                        # the replica's batch compute time shared out over the requests in the batch
+                        compute_per_request[stage].append(timings[stage]["compute_ms"] / timings[stage]["batch_requests"])
             else:
                 failures.append(getattr(r, "status_code", type(r).__name__))
 
@@ -77,13 +85,18 @@ async def run_cell(url: str, body: dict, concurrency: int, n_requests: int, max_
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1e3
+    stages = [s for s in ("ar", "mar") if batch_sizes[s]]
+    stage_batch = {s: round(float(np.mean(batch_sizes[s])), 2) for s in stages}
+    stage_compute = {s: round(float(np.mean(compute_per_request[s])), 1) for s in stages}
     return {"concurrency": concurrency, "requests": len(latencies), "failed": len(failures),
             "failures": sorted(set(map(str, failures))), "wall_s": round(wall, 3),
             "requests_per_s": round(len(latencies) / wall, 3) if wall else 0.0,
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
-            "mean_batch_requests": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
-            "model_compute_ms_per_request": round(float(np.mean(compute_per_request)), 1) if batch_sizes else None}
+            "batch_stage": stages[-1] if stages else None,
+            "mean_batch_requests": stage_batch[stages[-1]] if stages else None,
+            "stage_mean_batch_requests": stage_batch, "stage_compute_ms_per_request": stage_compute,
+            "model_compute_ms_per_request": round(sum(stage_compute.values()), 1) if stages else None}
 
 
 def engine_scaling(mar_path: str, batch_sizes=(1, 8, 32), cfg_scale: float = 2.0, repeats: int = 1) -> list[dict]:
@@ -127,6 +140,10 @@ def main():
     p.add_argument("--port", type=int, default=18801, help="Serve HTTP port (loopback)")
     p.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
     a = p.parse_args()
+    given = [f"--{k}" for k in ("mar", "ar", "tokenizer") if getattr(a, k)]
+    if given and len(given) < 3:
+        p.error(f"--mar, --ar and --tokenizer go together; only {', '.join(given)} given "
+                "(give none of them for random tiny checkpoints)")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -138,7 +155,7 @@ def main():
 
     tmp = tempfile.TemporaryDirectory()
     paths = {"mar": a.mar, "ar": a.ar, "tokenizer": a.tokenizer}
-    if not all(paths.values()):
+    if not any(paths.values()):
         paths = tiny_checkpoints(Path(tmp.name))
     report_scaling = engine_scaling(paths["mar"], cfg_scale=a.cfg_scale)
     print(json.dumps({"engine_scaling_mar": report_scaling}), file=sys.stderr, flush=True)

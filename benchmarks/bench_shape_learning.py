@@ -7,7 +7,9 @@ where a class is (shape, colour): one of four 5x5 cell templates (disc, square, 
 filled with one of four colour codes, at a random offset on an 8x8 grid of one of four background
 codes. A sample's shape is read back exactly (best template IoU over all offsets), so no image
 classifier is involved. Prints one JSON object: shape/colour accuracy of samples at CFG 2 at each
-evaluation step, for every preset given (e.g. MaskGIL vs the causal LlamaGen on the same data).
+evaluation step, for every preset given (e.g. MaskGIL vs the causal LlamaGen on the same data),
+with the number of empty samples (no colour-coded cell: read as the first template, a disc) and
+the chance level of shape accuracy (`chance_shape_accuracy`: one in the number of templates).
 
     python benchmarks/bench_shape_learning.py            # MaskGIL vs causal LlamaGen, 600 steps each
     python benchmarks/bench_shape_learning.py --presets maskgil-tiny --steps 1200 --eval-at 600,1200
@@ -38,6 +40,7 @@ TEMPLATES = {  # 5x5 cells; the four are distinct under every shift that keeps t
 }
 MASKS = [np.array([[c == "1" for c in row] for row in rows]) for rows in TEMPLATES.values()]
 GRID, BACKGROUNDS, COLOUR_BASE = 8, 4, 10  # codes 0-3: backgrounds; 10-13: colours
+CHANCE_SHAPE_ACCURACY = 1 / len(TEMPLATES)  # 0.25: a uniform guess among the four templates
 
 
 def make_token_grids(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,11 +71,22 @@ def _placements() -> tuple[np.ndarray, np.ndarray]:
 PLACED, PLACED_SHAPE = _placements()
 
 
+def object_cells(tokens: np.ndarray) -> np.ndarray:
+    """(B, 64) bool: the cells of each grid that hold a colour code."""
+    tokens = tokens.reshape(-1, GRID * GRID)
+    return (tokens >= COLOUR_BASE) & (tokens < COLOUR_BASE + 4)
+
+
+def count_empty(tokens: np.ndarray) -> int:
+    """Grids with no colour-coded cell at all (read_class reads them as a disc of colour 0)."""
+    return int((~object_cells(tokens).any(1)).sum())
+
+
 def read_class(tokens: np.ndarray) -> np.ndarray:
     """Shape * 4 + colour of each (B, 64) grid: the template (any offset) with the best IoU against
     the cells holding a colour code (first in template order on ties), and the most frequent colour."""
     tokens = tokens.reshape(-1, GRID * GRID)
-    obj = (tokens >= COLOUR_BASE) & (tokens < COLOUR_BASE + 4)  # (B, 64)
+    obj = object_cells(tokens)  # (B, 64)
     inter = obj.astype(np.int64) @ PLACED.T.astype(np.int64)  # (B, P)
     union = obj.sum(1, keepdims=True) + PLACED.sum(1) - inter
     shape = PLACED_SHAPE[(inter / np.maximum(union, 1)).argmax(1)]
@@ -101,6 +115,7 @@ def run(preset: str, overrides: dict, train_overrides: dict, steps: int, eval_at
             tokens, want = sample_tokens(model, list(range(16)), per_class, (GRID, GRID), cfg_scale=2.0, seed=1)
             got, want = read_class(tokens.numpy()), np.asarray(want)
             curve.append({"step": step + 1, "train_s": round(train_s, 1), "loss": round(m["loss"], 3),
+                          "samples": len(got), "empty_samples": count_empty(tokens.numpy()),
                           "accuracy": float((got == want).mean()),
                           "shape_accuracy": float((got // 4 == want // 4).mean()),
                           "colour_accuracy": float((got % 4 == want % 4).mean())})
@@ -129,7 +144,8 @@ def main():
     eval_at = [int(s) for s in a.eval_at.split(",")]
     results = [run(preset, json.loads(a.overrides), json.loads(a.train_overrides), a.steps, eval_at, a.per_class,
                    data, a.seed) for preset in a.presets]
-    out = {"benchmark": "shape_learning", "reader_accuracy_on_data": sanity, "threads": a.threads,
+    out = {"benchmark": "shape_learning", "reader_accuracy_on_data": sanity,
+           "chance_shape_accuracy": CHANCE_SHAPE_ACCURACY, "threads": a.threads,
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "results": results}
     print(json.dumps(out, indent=1))
     if a.out:

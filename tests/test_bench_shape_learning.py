@@ -38,3 +38,11 @@ def test_benchmark_runs_two_steps_for_masked_and_causal():
                         eval_at=[2], per_class=1, data=data, seed=0)
         (point,) = out["curve"]
         assert point["step"] == 2 and 0.0 <= point["shape_accuracy"] <= 1.0 and np.isfinite(point["loss"])
+        assert point["samples"] == 16 and 0 <= point["empty_samples"] <= 16
+
+
+def test_empty_samples_and_chance_level():
+    assert bench.CHANCE_SHAPE_ACCURACY == 1 / len(bench.TEMPLATES) == 0.25
+    grids, _ = bench.make_token_grids(4)
+    empty = np.full((3, 64), 1, np.int64)  # background codes only
+    assert bench.count_empty(grids) == 0 and bench.count_empty(np.concatenate([grids, empty])) == 3
