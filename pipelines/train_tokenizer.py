@@ -22,11 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.cluster import check_worker_group_fits, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
-from maskgil.tokenizers.presets import TOKENIZER_PRESETS, tokenizer_config  # noqa: E402
+from maskgil.tokenizers.presets import TOKENIZER_PRESETS, build_tokenizer, tokenizer_config  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
 from maskgil.tokenizers.training import TokenizerTrainConfig, default_train_config  # noqa: E402
 
@@ -50,51 +52,78 @@ def held_out_images(args):
     return load_eval_images(spec, args.eval_format or args.format, args.image_size, args.eval_n)
 
 
+def json_object(text: str) -> dict:
+    """--model-overrides converter: a JSON object, or a message argparse shows."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of config fields, e.g. '{{\"codebook_size\": 1024}}', "
+                                         f"got {text!r}")
+    return value
+
+
+# Numeric flags: the smallest value each takes (None: unset, the preset's default decides), and the
+# ones that must be > 0. --code-noise and --ema-decay also have an upper bound (checked in parse_args).
+AT_LEAST = {"n_images": 1, "image_size": 1, "steps": 1, "batch_size": 1, "perceptual_weight": 0, "disc_weight": 0,
+            "disc_start": 0, "ema_decay": 0, "num_workers": 1, "checkpoint_every": 1, "log_every": 1,
+            "grid_every": 1, "eval_n": 1}
+ABOVE_ZERO = ("lr", "cpus_per_worker")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llamagen-vq-tiny", choices=sorted(TOKENIZER_PRESETS))
-    p.add_argument("--model-overrides", type=json.loads, default={}, help='JSON of config fields, e.g. \'{"codebook_size": 1024}\'')
+    p.add_argument("--preset", default="llamagen-vq-tiny", choices=sorted(TOKENIZER_PRESETS), help="tokenizer preset")
+    p.add_argument("--model-overrides", type=json_object, default={}, help='JSON of config fields, e.g. \'{"codebook_size": 1024}\'')
     p.add_argument("--data", default="embedded", help="'embedded' or a directory of images")
-    p.add_argument("--format", choices=["imagenet", "parquet", "webdataset"], default="imagenet")
+    p.add_argument("--format", choices=["imagenet", "parquet", "webdataset"], default="imagenet",
+                   help="layout of a --data directory")
     p.add_argument("--n-images", type=int, default=4096, help="embedded: number of training images")
-    p.add_argument("--image-size", type=int, default=None, help="default 64 for -tiny presets, else 256")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=None, help="per worker")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default 64 for -tiny presets, else 256; a multiple of the tokenizer's downsample factor")
+    p.add_argument("--steps", type=int, default=1500, help="training steps")
+    p.add_argument("--batch-size", type=int, default=None, help="per worker (default: the preset's recipe)")
     p.add_argument("--shuffle-buffer", type=int, default=1024,
                    help="rows each worker shuffles its stream in (an ImageNet shard is one class); 0 = file order")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--recon-loss", choices=["l1", "l2"], default=None)
-    p.add_argument("--perceptual", choices=["auto", "lpips", "inception", "none"], default=None)
-    p.add_argument("--perceptual-weight", type=float, default=None)
-    p.add_argument("--lpips-weights", default=None)
-    p.add_argument("--vgg16-weights", default=None)
-    p.add_argument("--disc-weight", type=float, default=None)
-    p.add_argument("--disc-start", type=int, default=None)
-    p.add_argument("--disc-adaptive", action="store_true", default=None)
-    p.add_argument("--ema-decay", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's recipe)")
+    p.add_argument("--recon-loss", choices=["l1", "l2"], default=None, help="reconstruction loss (default: l2)")
+    p.add_argument("--perceptual", choices=["auto", "lpips", "inception", "none"], default=None,
+                   help="perceptual loss network; auto: LPIPS if --lpips-weights and --vgg16-weights are given, "
+                        "else Inception features")
+    p.add_argument("--perceptual-weight", type=float, default=None,
+                   help="perceptual loss weight (default: the preset's recipe; 0 = off)")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS heads weights file (lpips' vgg.pth)")
+    p.add_argument("--vgg16-weights", default=None, help="torchvision VGG16 state dict file for LPIPS")
+    p.add_argument("--disc-weight", type=float, default=None, help="GAN loss weight (default: the preset's recipe; 0 = no GAN)")
+    p.add_argument("--disc-start", type=int, default=None, help="step at which the GAN loss starts")
+    p.add_argument("--disc-adaptive", action="store_true", default=None,
+                   help="taming's adaptive GAN weight (gradient-norm balance at the decoder's last layer)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA of the weights, in [0, 1) (default 0: no EMA)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast (quantizer in fp32), fp32 (default), or auto: bf16 where the device "
                         "multiplies bf16 natively (GPUs with bf16, CPUs with AMX or AVX512-BF16)")
     p.add_argument("--code-noise", type=float, default=None,
-                   help="probability that a decoder input code is swapped for a random one in training (0.1 makes "
-                        "decoded images robust to a generator's wrong tokens; the quickstart uses it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, default=0.5)
-    p.add_argument("--use-gpu", action="store_true")
+                   help="probability in [0, 1) that a decoder input code is swapped for a random one in training "
+                        "(0.1 makes decoded images robust to a generator's wrong tokens; the quickstart uses it)")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs reserved per worker")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument("--name", default=None, help="Ray Train run name (rerun the same name to resume)")
-    p.add_argument("--storage-path", default=str(REPO / "ray_results"))
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--grid-every", type=int, default=500)
+    p.add_argument("--storage-path", default=str(REPO / "ray_results"), help="Ray Train storage (checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between logged metrics")
+    p.add_argument("--grid-every", type=int, default=500, help="steps between logged reconstruction grids")
     p.add_argument("--out", required=True, help="final tokenizer directory")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
-    p.add_argument("--experiment", default="tokenizers")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    p.add_argument("--experiment", default="tokenizers", help="MLflow experiment name")
     p.add_argument("--eval-images", default=None, help="held-out images: embedded:N[:split] or a directory")
-    p.add_argument("--eval-format", default=None)
-    p.add_argument("--eval-n", type=int, default=256)
-    p.add_argument("--no-rfid", action="store_true")
-    p.add_argument("--inception-weights", default=None)
+    p.add_argument("--eval-format", default=None, choices=["imagenet", "parquet", "webdataset"],
+                   help="layout of an --eval-images directory (default: --format)")
+    p.add_argument("--eval-n", type=int, default=256, help="held-out images to evaluate on")
+    p.add_argument("--no-rfid", action="store_true", help="skip rFID in the final evaluation")
+    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file for rFID")
     p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
     args = p.parse_args(argv)
     try:  # wrong config fields stop here, not inside a Ray Train worker
@@ -103,7 +132,35 @@ def parse_args(argv=None):
         p.error(f"--model-overrides: {e}")
     if args.shuffle_buffer < 0:
         p.error(f"--shuffle-buffer must be >= 0 (0: file order), got {args.shuffle_buffer}")
+    for dest, lo in AT_LEAST.items():
+        value = getattr(args, dest)
+        if value is not None and not value >= lo:  # NaN fails too
+            p.error(f"--{dest.replace('_', '-')} must be >= {lo}, got {value}")
+    for dest in ABOVE_ZERO:
+        value = getattr(args, dest)
+        if value is not None and not value > 0:
+            p.error(f"--{dest.replace('_', '-')} must be > 0, got {value}")
+    if args.code_noise is not None and not 0 <= args.code_noise < 1:
+        p.error(f"--code-noise is a probability in [0, 1), got {args.code_noise}")
+    if args.ema_decay is not None and not args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1) (0: no EMA), got {args.ema_decay}")
+    try:
+        with torch.device("meta"):  # no weights: just the downsample factor (and a config that builds)
+            down = build_tokenizer(args.preset, **args.model_overrides).downsample
+    except (TypeError, ValueError, RuntimeError) as e:
+        p.error(f"--model-overrides: {e}")
+    size = args.image_size or default_image_size(args.preset)
+    if size % down:
+        p.error(f"--image-size {size} is not a multiple of the tokenizer's downsample factor {down}")
+    try:  # whatever else the train config refuses
+        train_config_from_args(args)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     return args
+
+
+def default_image_size(preset: str) -> int:
+    return 64 if preset.endswith("-tiny") else 256
 
 
 def train_config_from_args(args) -> TokenizerTrainConfig:
@@ -115,7 +172,7 @@ def train_config_from_args(args) -> TokenizerTrainConfig:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.image_size = args.image_size or (64 if args.preset.endswith("-tiny") else 256)
+    args.image_size = args.image_size or default_image_size(args.preset)
     args.name = args.name or f"tokenizer-{args.preset}"
     train_config = train_config_from_args(args)
 

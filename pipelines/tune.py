@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="sweep file (ray_configs/sweep_*.yaml)")
     p.add_argument("--out", help="report directory (default runs/sweeps/<name>)")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (one run per trial)")
     p.add_argument("--storage-path", help="Ray Tune storage (default <out>/ray)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a new local cluster)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override top-level sweep keys")

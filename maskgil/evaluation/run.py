@@ -331,12 +331,14 @@ class Prepared:
 
 
 def check_inputs(cfg: EvalConfig) -> tuple[GeneratorInfo, int]:
-    """The checks that need no model, no Inception network and no Ray: checkpoints, prompts and the
-    class balance of num_images, the reference, weights and classifier paths. Returns the models'
-    facts and the classes the judge can score (0: none)."""
+    """The checks that need no model, no Inception network and no Ray: checkpoints, ar_tokens against
+    the token grid, prompts and the class balance of num_images, the reference, weights and
+    classifier paths. Returns the models' facts and the classes the judge can score (0: none)."""
     from maskgil.data.embedded import NUM_CLASSES
 
     info = generator_info(cfg.paths, cfg.spec.sampler, cfg.spec.grid)
+    if cfg.spec.ar_tokens is not None:  # fusion's k: 0..the grid's tokens (a set value is checked for any sampler)
+        cfg.spec.fusion_k(info.grid[0] * info.grid[1])
     num_classes = info.num_classes
     if info.cond == "text":
         if not cfg.prompts:

@@ -20,7 +20,7 @@ import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from maskgil.cluster import check_worker_group_fits, init_ray
-from maskgil.data.shards import bucket_batches, bucket_grids, is_bucketed, label_range, token_dataset
+from maskgil.data.shards import MANIFEST, bucket_batches, bucket_grids, is_bucketed, label_range, token_dataset
 from maskgil.models import build_model
 from maskgil.precision import resolve_precision
 from maskgil.training.distributed import resolve_strategy, unwrap, wrap_model
@@ -271,40 +271,47 @@ def ingest_config(preserve_order: bool):
     return DataConfig(execution_options=opts)
 
 
-def run_training(cfg: dict, verbose: int = 1) -> dict:
-    """Run one training job described by a run config (see maskgil/training/runconfig.py).
+def _shard_manifests(grids: dict) -> dict:
+    """{grid: manifest} of every stage's shard directory; a missing one names the directory and the
+    command that writes it."""
+    out = {}
+    for g, d in grids.items():
+        try:
+            out[g] = read_shard_manifest(d)
+        except FileNotFoundError:
+            missing = "" if "://" in d or Path(d).is_dir() else " (the directory does not exist)"
+            raise FileNotFoundError(
+                f"data.shards: no token shards at {d}: {MANIFEST} not found{missing}. Write them with "
+                f"`python pipelines/pretokenize.py --source IMAGES --format imagenet|parquet|webdataset "
+                f"--tokenizer TOKENIZER --out {d}` (a stopped pretokenize run: rerun its command to finish)") from None
+    return out
 
-    Returns {"checkpoint": final plain checkpoint dir, "run_id", "step", "wall_s", ...}. Rerunning
-    with the same run.name and run.storage_path resumes from its last checkpoint."""
-    import mlflow
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    t0 = time.time()
+def check_run(cfg: dict) -> tuple[dict, dict, int | None]:
+    """The checks of a run config that need no Ray, no MLflow and no model weights: the token shards
+    exist (a finished manifest per stage), their codebook fits the model's vocabulary, their target
+    fits its conditioning, and their class labels fit its class table. Raises FileNotFoundError or
+    ValueError naming the fix (pipelines/train.py turns them into usage errors before Ray starts).
+
+    Returns (grids, bucketed, codebook): {grid: shard dir}, {grid: bucket grids} for the stages whose
+    shards hold aspect-ratio buckets, and the shards' codebook size (None when the manifest omits it)."""
     train = TrainConfig.from_dict(cfg["train"])
-    run, scaling = cfg["run"], cfg["scaling"]
-    name = run["name"] or train.preset
-    storage = Path(run["storage_path"]).resolve()
-    output = Path(run["output"] or storage / name / "final").resolve()
-    tracking_uri = absolute_tracking_uri(run["tracking_uri"])
-
-    default_grid = tuple(build_model(train.preset, device="meta", **train.model_overrides).config.grid_size)
-    grids = shard_dirs(cfg, default_grid)
+    model_cfg = build_model(train.preset, device="meta", **train.model_overrides).config
+    grids = shard_dirs(cfg, tuple(model_cfg.grid_size))
+    manifests = _shard_manifests(grids)
     # stages whose shards hold aspect-ratio buckets (they train on every bucket) -> the buckets' grids
     bucketed = {g: bucket_grids(d) for g, d in grids.items() if is_bucketed(d)}
-    manifest = read_shard_manifest(next(iter(grids.values())))
-    codebook = manifest.get("codebook_size")
-    model_cfg = build_model(train.preset, device="meta", **train.model_overrides).config
+    codebook = next(iter(manifests.values())).get("codebook_size")
     vocab = model_cfg.vocab_size
-    if codebook and codebook != vocab:
-        raise ValueError(f"token shards use a {codebook}-code tokenizer but the model's vocab_size is {vocab}: "
-                         f"set train.model_overrides.vocab_size={codebook}")
     want = "caption" if getattr(model_cfg, "cond", "class") == "text" else "label"
-    if manifest.get("target", want) != want:
-        raise ValueError(f"the model is {'text' if want == 'caption' else 'class'}-conditional but the token shards "
-                         f"hold {manifest['target']}s: pretokenize with --target {want}, or set "
-                         f"train.model_overrides.cond={'class' if want == 'caption' else 'text'}")
+    for manifest in manifests.values():
+        if manifest.get("codebook_size") and manifest["codebook_size"] != vocab:
+            raise ValueError(f"token shards use a {manifest['codebook_size']}-code tokenizer but the model's "
+                             f"vocab_size is {vocab}: set train.model_overrides.vocab_size={manifest['codebook_size']}")
+        if manifest.get("target", want) != want:
+            raise ValueError(f"the model is {'text' if want == 'caption' else 'class'}-conditional but the token "
+                             f"shards hold {manifest['target']}s: pretokenize with --target {want}, or set "
+                             f"train.model_overrides.cond={'class' if want == 'caption' else 'text'}")
 
     if want == "label":  # a label the class table has no row for fails inside a worker as an IndexError
         n_classes = model_cfg.num_classes
@@ -317,6 +324,29 @@ def run_training(cfg: dict, verbose: int = 1) -> dict:
                 raise ValueError(f"{d}: the token shards hold class labels up to {span[1]} but the model has "
                                  f"num_classes={n_classes}: set train.model_overrides.num_classes={span[1] + 1} "
                                  "(or more)")
+    return grids, bucketed, codebook
+
+
+def run_training(cfg: dict, verbose: int = 1, checked: tuple | None = None) -> dict:
+    """Run one training job described by a run config (see maskgil/training/runconfig.py).
+
+    Returns {"checkpoint": final plain checkpoint dir, "run_id", "step", "wall_s", ...}. Rerunning
+    with the same run.name and run.storage_path resumes from its last checkpoint. `checked`: what
+    `check_run(cfg)` returned, when the caller already ran it (it then is not repeated)."""
+    t0 = time.time()
+    grids, bucketed, codebook = checked if checked is not None else check_run(cfg)
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = TrainConfig.from_dict(cfg["train"])
+    run, scaling = cfg["run"], cfg["scaling"]
+    name = run["name"] or train.preset
+    storage = Path(run["storage_path"]).resolve()
+    output = Path(run["output"] or storage / name / "final").resolve()
+    tracking_uri = absolute_tracking_uri(run["tracking_uri"])
+
     if not ray.is_initialized():
         init_ray(env={k: os.environ[k] for k in FAULT_ENV if k in os.environ}, log_to_driver=verbose > 0)
     use_gpu = bool(scaling["use_gpu"])
