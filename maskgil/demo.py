@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from maskgil.cli import HelpFormatter
 from maskgil.checkpoint import load_pretrained
 from maskgil.models import build_model
 from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
@@ -26,7 +27,7 @@ def load_pair(preset: str, mar_dir: str | None, ar_dir: str | None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "b", "l", "xl", "xxl"],
                    help="size suffix of the maskgil-* / llamagen-* presets (default tiny)")
     p.add_argument("--mar", help="MaskGIL checkpoint directory (default: random weights)")

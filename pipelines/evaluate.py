@@ -1,4 +1,4 @@
-"""Evaluate a generator: N samples as a Ray Data job, FID / precision / recall (/ IS), class accuracy
+r"""Evaluate a generator: N samples as a Ray Data job, FID / precision / recall (/ IS), class accuracy
 on the embedded set, seconds per image; one MLflow run per evaluation. Text-conditional generators
 sample from a prompt set (--prompts).
 
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
 from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, check_inputs, evaluate, format_result  # noqa: E402
@@ -77,7 +78,7 @@ AT_LEAST = {"num_images": 1, "reference_limit": 1, "ar_tokens": 0, "sample_actor
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint dir")
     p.add_argument("--mar", help="MaskGIL (or Transformer baseline) checkpoint dir: mar and fusion")
     p.add_argument("--ar", help="causal AR checkpoint dir: ar and fusion")

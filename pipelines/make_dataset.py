@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.data.embedded import (TEXTURES, EmbeddedSpec, write_imagenet_folder, write_parquet,  # noqa: E402
                                    write_webdataset)
 
@@ -87,7 +88,7 @@ def options_of(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     d = EmbeddedSpec()  # the defaults of the flags that leave them to it
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("format", choices=["imagenet", "parquet", "webdataset"], help="output layout")
     p.add_argument("--out", required=True, help="output directory (must be empty or new, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="remove a non-empty --out before writing")

@@ -1,4 +1,4 @@
-"""Pre-tokenize an image set into Parquet token shards with Ray Data.
+r"""Pre-tokenize an image set into Parquet token shards with Ray Data.
 
 Local (starts Ray in-process):
     python pipelines/pretokenize.py --source data/embedded/train --format imagenet \
@@ -20,6 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.data.images import check_crop_range, parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
@@ -45,7 +46,7 @@ ABOVE_ZERO = ("cpus_per_tokenizer", "decode_cpus")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--source", required=True, help="image set: local path or URI (s3://, gs://)")
     p.add_argument("--format", required=True, choices=["imagenet", "parquet", "webdataset"], help="layout of --source")
     p.add_argument("--out", required=True, help="output directory (local path or URI)")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS, resolve_precision  # noqa: E402
 from maskgil.training.runconfig import (CONFIG_ERRORS, absolute_tracking_uri, flatten, load_run_config,  # noqa: E402
@@ -81,7 +82,7 @@ def recompute_reason(name: str, done: dict | None, settings: dict, redo: set[str
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="root of the stage outputs")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--redo", nargs="*", default=[], choices=STAGES + ("all",), help="stages to recompute")

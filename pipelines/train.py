@@ -1,4 +1,4 @@
-"""Train a MaskGIL / AR generator on token shards with Ray Train; every run is an MLflow run.
+r"""Train a MaskGIL / AR generator on token shards with Ray Train; every run is an MLflow run.
 
     python pipelines/train.py --config ray_configs/train_maskgil_tiny.yaml --shards runs/quickstart/shards
     ray job submit --working-dir . -- python pipelines/train.py --config ray_configs/train_maskgil_b.yaml \
@@ -17,12 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.training.ray_trainer import check_run, run_training  # noqa: E402
 from maskgil.training.runconfig import CONFIG_ERRORS, load_run_config, parse_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", help="run config YAML (ray_configs/train_*.yaml)")
     p.add_argument("--shards", help="token shard directory (sets data.shards)")
     p.add_argument("--output", help="final plain checkpoint directory (sets run.output)")

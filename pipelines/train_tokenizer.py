@@ -1,4 +1,4 @@
-"""Train an image tokenizer with Ray Train (TorchTrainer; gloo on CPU, NCCL on GPU) and log it to MLflow.
+r"""Train an image tokenizer with Ray Train (TorchTrainer; gloo on CPU, NCCL on GPU) and log it to MLflow.
 
     # tiny LlamaGen-VQ on the embedded procedural set, 2 CPU workers (laptop / CI)
     python pipelines/train_tokenizer.py --preset llamagen-vq-tiny --steps 1500 --out runs/tok_tiny
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.cluster import check_worker_group_fits, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
 from maskgil.tokenizers.presets import TOKENIZER_PRESETS, build_tokenizer, tokenizer_config  # noqa: E402
@@ -73,7 +74,7 @@ ABOVE_ZERO = ("lr", "cpus_per_worker")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="llamagen-vq-tiny", choices=sorted(TOKENIZER_PRESETS), help="tokenizer preset")
     p.add_argument("--model-overrides", type=json_object, default={}, help='JSON of config fields, e.g. \'{"codebook_size": 1024}\'')
     p.add_argument("--data", default="embedded", help="'embedded' or a directory of images")

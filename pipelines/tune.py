@@ -1,4 +1,4 @@
-"""Ray Tune sweeps of sampling knobs (CFG, steps, schedule, temperature, fusion k) and of design
+r"""Ray Tune sweeps of sampling knobs (CFG, steps, schedule, temperature, fusion k) and of design
 knobs that need training; one MLflow run per trial; a table, plots and the best config at the end.
 
     python pipelines/tune.py ray_configs/sweep_sampling_tiny.yaml --out runs/sweeps/sampling-tiny
@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/tune.py` from a checkout
+from maskgil.cli import HelpFormatter  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.sweep import load_sweep  # noqa: E402
 from maskgil.training.runconfig import CONFIG_ERRORS  # noqa: E402
@@ -35,7 +36,7 @@ def parse_set(items: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("sweep", help="sweep file (ray_configs/sweep_*.yaml)")
     p.add_argument("--out", help="report directory (default runs/sweeps/<name>)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (one run per trial)")

@@ -1,4 +1,4 @@
-"""Reconstruction metrics of a tokenizer: PSNR, SSIM, codebook usage %, rFID. Also a CLI:
+r"""Reconstruction metrics of a tokenizer: PSNR, SSIM, codebook usage %, rFID. Also a CLI:
 
     python -m maskgil.tokenizers.evaluate --tokenizer DIR --images embedded:512:val --image-size 64 \
         --classifier runs/classifier      # + class/colour/shape accuracy on the reconstructions
@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from maskgil.cli import HelpFormatter
 from maskgil.metrics import (FeatureStats, InceptionFeatureExtractor, fid_from_stats, frechet_distance_from_features,
                              psnr, ssim)
 from maskgil.metrics.generation import FID_SMALL_SAMPLE
@@ -162,7 +163,7 @@ def load_eval_images(spec: str, fmt: str | None = None, image_size: int = 256, l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint directory")
     p.add_argument("--images", required=True, help="embedded:N[:split] or a directory")
     p.add_argument("--format", choices=["imagenet", "parquet", "webdataset"], default=None)
