@@ -58,16 +58,19 @@ def load_design(sweep: dict) -> dict:
 def trial_run_config(train_config: str, trial: dict, steps: int, shards: str, codebook_size: int, name: str,
                      storage: str, output: str, tracking_uri: str, experiment: str, tokenizer_dir: str,
                      train_overrides: dict | None = None, scaling: dict | None = None) -> dict:
-    """The training run config of one rung of one trial (validated by the training code)."""
-    train = {"lr_schedule": "constant", **(train_overrides or {}), "preset": trial["preset"], "max_steps": steps,
-             "model_overrides": {**trial["model"], "vocab_size": codebook_size}}
+    """The training run config of one rung of one trial (validated by the training code). The trial's
+    model is its preset with the trial's flags: the base file's model_overrides (e.g. a half-width
+    tiny model) are replaced, not merged, so every preset of a sweep trains at its own shape."""
+    train = {"lr_schedule": "constant", **(train_overrides or {}), "max_steps": steps}
     overrides = {"train": train, "data": {"shards": shards},
                  "run": {"name": name, "storage_path": storage, "output": output, "tracking_uri": tracking_uri,
                          "experiment": experiment, "tokenizer": tokenizer_dir,
                          "tags": {"maskgil.sweep_trial": name}}}
     if scaling:
         overrides["scaling"] = scaling
-    return load_run_config(train_config, overrides)
+    cfg = load_run_config(train_config, overrides)
+    cfg["train"].update(preset=trial["preset"], model_overrides={**trial["model"], "vocab_size": codebook_size})
+    return load_run_config(None, cfg)  # checked again with the trial's model
 
 
 def prepare_shards(sweep: dict, root: Path, progress: bool = True) -> dict[str, str]:
