@@ -86,6 +86,31 @@ def test_tiny_configs_and_overrides():
             {f: v for f, v in base["train"].items() if f != "model_overrides"}
 
 
+def test_a_rerun_with_another_model_or_shards_is_refused_not_resumed(tmp_path):
+    """Same run.name and storage_path continue the run there. Another preset, other model fields or
+    other shards would mix two runs in one set of weights: refused, naming the difference. A longer
+    run is a resume; a changed learning rate is reported (and tagged in MLflow by run_training)."""
+    from maskgil.training.ray_trainer import RUN_SETTINGS_NAME, check_resume_settings, run_settings
+
+    def config(**train):
+        return load_run_config(CONFIGS / "train_maskgil_tiny.yaml",
+                               {"run": {"storage_path": str(tmp_path), "name": "r"}, "train": train})
+
+    grids = {(8, 8): "/shards/a"}
+    assert check_resume_settings(config(), grids) == []  # nothing started there yet
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / RUN_SETTINGS_NAME).write_text(json.dumps(run_settings(config(), grids)))
+    assert check_resume_settings(config(), grids) == []
+    assert check_resume_settings(config(max_steps=5000, log_every=5, checkpoint_every=50), grids) == []
+    assert check_resume_settings(config(lr=5e-4), grids) == ["lr: 0.001 -> 0.0005"]
+    for train, named in (({"preset": "llamagen-tiny"}, "preset: 'maskgil-tiny' -> 'llamagen-tiny'"),
+                         ({"model_overrides": {"qk_norm": "none"}}, "model_overrides:")):
+        with pytest.raises(ValueError, match=f"another model or other shards \\({named}.*own name"):
+            check_resume_settings(config(**train), grids)
+    with pytest.raises(ValueError, match="data.shards: .*'/shards/a'.*'/shards/b'"):
+        check_resume_settings(config(), {(8, 8): "/shards/b"})
+
+
 def test_override_values_are_typed_like_the_config():
     """YAML 1.1 reads `1e-4` as a string, so `--set train.lr=1e-4` used to reach AdamW as '1e-4' and
     fail inside a Ray worker; values are now checked and coerced when the run config is read."""

@@ -324,7 +324,48 @@ def check_run(cfg: dict) -> tuple[dict, dict, int | None]:
                 raise ValueError(f"{d}: the token shards hold class labels up to {span[1]} but the model has "
                                  f"num_classes={n_classes}: set train.model_overrides.num_classes={span[1] + 1} "
                                  "(or more)")
+    check_resume_settings(cfg, grids)
     return grids, bucketed, codebook
+
+
+RUN_SETTINGS_NAME = "run_settings.json"
+# Train keys a rerun may change and still continue the same run (train longer, checkpoint or log
+# differently); any other change is a different run, or at least one its records must show.
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "compile")
+
+
+def run_settings(cfg: dict, grids: dict) -> dict:
+    """What makes a training run the same run: its TrainConfig and its token shard directories."""
+    return {"train": json.loads(json.dumps(TrainConfig.from_dict(cfg["train"]).to_dict())),
+            "shards": {f"{h}x{w}": str(d) for (h, w), d in grids.items()}}
+
+
+def _run_dir(cfg: dict) -> Path:
+    return Path(cfg["run"]["storage_path"]).resolve() / (cfg["run"]["name"] or cfg["train"]["preset"])
+
+
+def check_resume_settings(cfg: dict, grids: dict) -> list[str]:
+    """A rerun with the same run.name and storage_path continues that run from its checkpoint. If
+    the run was started with another model or other shards that would mix two runs in one set of
+    weights and one MLflow record: refused, naming the differences and the fix. Other training
+    settings that changed (say the learning rate) are returned as "key: old -> new"; a longer
+    max_steps and the checkpoint/log cadence are normal for a resume and not reported."""
+    saved_file = _run_dir(cfg) / RUN_SETTINGS_NAME
+    if not saved_file.is_file():
+        return []
+    saved, now = json.loads(saved_file.read_text()), run_settings(cfg, grids)
+    diffs = {k: (saved["train"].get(k), v) for k, v in now["train"].items()
+             if k not in RESUMABLE_CHANGES and saved["train"].get(k) != v}
+    if saved["shards"] != now["shards"]:
+        diffs["data.shards"] = (saved["shards"], now["shards"])
+    said = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in diffs.items()]
+    model_keys = {"preset", "model_overrides", "data.shards"} & set(diffs)
+    if model_keys:
+        raise ValueError(f"{_run_dir(cfg)} holds a run started with another model or other shards "
+                         f"({'; '.join(s for s in said if s.split(':')[0] in model_keys)}); continuing it would mix "
+                         f"the two. Give this run its own name (--name / run.name), or delete that directory to "
+                         f"start over")
+    return said
 
 
 def run_training(cfg: dict, verbose: int = 1, checked: tuple | None = None) -> dict:
@@ -365,6 +406,12 @@ def run_training(cfg: dict, verbose: int = 1, checked: tuple | None = None) -> d
         client.update_run(run_id, status="RUNNING")
         if NONFINITE_TAG in client.get_run(run_id).data.tags:
             client.delete_tag(run_id, NONFINITE_TAG)
+        changed = check_resume_settings(cfg, grids)
+        if changed:  # the run's params are its first settings (MLflow params cannot change)
+            print(f"warning: continuing the run in {storage / name} with changed settings: {'; '.join(changed)} "
+                  "(tagged maskgil.resumed_with_changes in its MLflow run)", flush=True)
+            previous = client.get_run(run_id).data.tags.get("maskgil.resumed_with_changes")
+            client.set_tag(run_id, "maskgil.resumed_with_changes", "; ".join(filter(None, [previous, *changed]))[:5000])
     else:
         mrun = client.create_run(experiment.experiment_id, run_name=name,
                                  tags={"maskgil.kind": "train", "maskgil.preset": train.preset, **(run["tags"] or {})})
@@ -379,6 +426,7 @@ def run_training(cfg: dict, verbose: int = 1, checked: tuple | None = None) -> d
             client.log_param(run_id, k, str(v)[:5000])
         run_id_file.parent.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(run_id)
+    (storage / name / RUN_SETTINGS_NAME).write_text(json.dumps(run_settings(cfg, grids), indent=2) + "\n")
 
     loop_config = {
         "train": train.to_dict(), "threads_per_worker": scaling["threads_per_worker"], "use_gpu": use_gpu,
