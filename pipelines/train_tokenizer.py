@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from maskgil.cli import HelpFormatter  # noqa: E402
-from maskgil.cluster import check_worker_group_fits, init_ray  # noqa: E402
+from maskgil.cluster import check_worker_group_fits, cluster_address, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
 from maskgil.tokenizers.presets import TOKENIZER_PRESETS, build_tokenizer, tokenizer_config  # noqa: E402
 from maskgil.tokenizers.ray_train import build_dataset, train_loop_per_worker  # noqa: E402
@@ -125,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=256, help="held-out images to evaluate on")
     p.add_argument("--no-rfid", action="store_true", help="skip rFID in the final evaluation")
     p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file for rFID")
-    p.add_argument("--address", default=None, help="Ray address (default: start or join a local one)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, set by `ray job submit`, else a private local instance)")
     args = p.parse_args(argv)
     try:  # wrong config fields stop here, not inside a Ray Train worker
         tokenizer_config(args.preset, **args.model_overrides)
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
     from maskgil.tokenizers.training import save_recon_grid
 
     if not ray.is_initialized():
-        init_ray(args.address)
+        init_ray(cluster_address(args.address))
     check_worker_group_fits({"CPU": args.cpus_per_worker, **({"GPU": 1.0} if args.use_gpu else {})},
                             args.num_workers, "drop --use-gpu to train on CPUs", "--num-workers / --cpus-per-worker")
     tracking_uri = absolute_tracking_uri(args.tracking_uri)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from maskgil.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from maskgil.cluster import check_worker_group_fits, init_ray
+from maskgil.cluster import check_worker_group_fits, cluster_address, init_ray
 from maskgil.data.shards import MANIFEST, bucket_batches, bucket_grids, is_bucketed, label_range, token_dataset
 from maskgil.models import build_model
 from maskgil.precision import resolve_precision
@@ -389,7 +389,8 @@ def run_training(cfg: dict, verbose: int = 1, checked: tuple | None = None) -> d
     tracking_uri = absolute_tracking_uri(run["tracking_uri"])
 
     if not ray.is_initialized():
-        init_ray(env={k: os.environ[k] for k in FAULT_ENV if k in os.environ}, log_to_driver=verbose > 0)
+        init_ray(cluster_address(), env={k: os.environ[k] for k in FAULT_ENV if k in os.environ},
+                 log_to_driver=verbose > 0)
     use_gpu = bool(scaling["use_gpu"])
     resources = worker_resources(scaling)
     check_worker_group_fits(resources, int(scaling["num_workers"]),
