@@ -122,6 +122,11 @@ def main(argv=None) -> int:
             p.error(f"--{dest.replace('_', '-')} must be >= {lo}, got {value}")
     if not a.cpus_per_actor > 0:
         p.error(f"--cpus-per-actor must be > 0, got {a.cpus_per_actor}")
+    # knobs of a sampler not chosen would be ignored without a word
+    if a.ar_tokens is not None and a.sampler != "fusion":
+        p.error(f"--ar-tokens is the AR share of --sampler fusion; --sampler {a.sampler} does not use it")
+    if a.top_p is not None and a.sampler == "mar":
+        p.error("--top-p filters the AR draws (--sampler ar or fusion); --sampler mar does not use it")
     try:  # bad sampler settings, checkpoint paths or prompts stop here, before Ray starts
         spec = spec_from_args(a)
         paths = ModelPaths(tokenizer=a.tokenizer, mar=a.mar, ar=a.ar)

@@ -193,7 +193,7 @@ def eval_setup(tmp_path_factory):
 @pytest.mark.parametrize("argv,message", [
     (["--grid", "0x4"], "argument --grid: a token grid has at least 1x1 tokens"),
     (["--grid", "wide"], "argument --grid: a token grid looks like 16x16"),
-    (["--ar-tokens", "-1"], "--ar-tokens must be >= 0, got -1"),
+    (["--sampler", "fusion", "--ar-tokens", "-1"], "--ar-tokens must be >= 0, got -1"),
     (["--sampler", "fusion", "--ar-tokens", "65"], "ar_tokens must be in [0, 64], got 65"),  # 8x8 grid
     (["--sampler", "fusion", "--grid", "4x4", "--ar-tokens", "17"], "ar_tokens must be in [0, 16], got 17"),
     # --prompts mistakes without --num-images (its default is computed from the prompt set first)
@@ -201,6 +201,9 @@ def eval_setup(tmp_path_factory):
     (["--prompts", "embedded:bogus"], "unknown embedded prompt set 'embedded:bogus'"),
     (["--prompts", "embedded:unseen"], "prompts are for text-conditional generators"),
     (["--sample-actors", "0"], "--sample-actors must be >= 1"),
+    (["--ar-tokens", "16"], "--sampler mar does not use it"),  # a knob of another sampler, not ignored
+    (["--sampler", "ar", "--ar-tokens", "16"], "--sampler ar does not use it"),
+    (["--top-p", "0.9"], "--top-p filters the AR draws"),
     (["--cpus-per-actor", "0"], "--cpus-per-actor must be > 0"),
 ])
 def test_evaluate_flag_errors_before_ray(argv, message, eval_setup, tmp_path, capsys):

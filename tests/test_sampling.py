@@ -505,5 +505,5 @@ def test_out_of_range_sampling_knobs_are_refused_not_ignored(capsys):
     from pipelines.evaluate import main
 
     with pytest.raises(SystemExit) as exit_info:  # a usage error before any checkpoint or Ray
-        main(["--tokenizer", "nowhere", "--reference", "nowhere", "--engine", "local", "--top-p", "0"])
+        main(["--tokenizer", "nowhere", "--reference", "nowhere", "--engine", "local", "--sampler", "ar", "--top-p", "0"])
     assert exit_info.value.code == 2 and "top_p must be" in capsys.readouterr().err
