@@ -76,6 +76,100 @@ def test_adaptive_weight_is_gradient_norm_ratio():
     assert w.item() == pytest.approx((a / (b + 1e-4)).item(), rel=1e-5)
 
 
+def test_hinge_losses_by_hand():
+    from maskgil.tokenizers.discriminator import hinge_d_loss, hinge_g_loss
+
+    real, fake = torch.tensor([2.0, -0.5]), torch.tensor([-3.0, 0.5])
+    # D: (mean relu(1 - [2, -0.5]) + mean relu(1 + [-3, 0.5])) / 2 = (0.75 + 0.75) / 2; G: -mean(fake)
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.75)
+    assert hinge_g_loss(fake).item() == pytest.approx(1.25)
+
+
+class MeanDisc(torch.nn.Module):
+    """A discriminator whose logit is 4 x an image's mean plus an offset: real images and their
+    reconstructions get different logits, so swapped arguments show."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return 4 * x.float().mean(dim=(1, 2, 3)) + self.offset
+
+
+def spied_trainer(monkeypatch, **config):
+    """A trainer with MeanDisc (frozen: lr 0), a constant perceptual loss of 0.25 per image, and the
+    images and reconstructions of its last step kept in `seen`."""
+    trainer = TokenizerTrainer(micro_config(disc_start=0, disc_ndf=8, disc_layers=1, **config))
+    trainer.disc = MeanDisc()
+    trainer.opt_d = torch.optim.SGD(trainer.disc.parameters(), lr=0.0)
+    trainer.perceptual = lambda rec, x: torch.full((len(x),), 0.25)
+    seen, losses = {}, trainer.losses
+
+    def spy(x):
+        total, rec, m = losses(x)
+        seen.update(x=x.detach().float(), rec=rec.detach())
+        return total, rec, m
+
+    monkeypatch.setattr(trainer, "losses", spy)
+    return trainer, seen
+
+
+@pytest.mark.parametrize("recon_loss", ["l2", "l1"])
+def test_generator_loss_is_the_weighted_sum_and_the_gan_is_wired_as_written(monkeypatch, recon_loss):
+    """loss = rw * recon + pw * perceptual + qw * quantizer terms + disc_weight * hinge_g(D(rec));
+    D trains on hinge_d(D(real), D(rec)); recon is L1 or L2 as configured."""
+    trainer, seen = spied_trainer(monkeypatch, recon_loss=recon_loss, recon_weight=2.0, perceptual_weight=0.5,
+                                  quantizer_weight=3.0, disc_weight=0.3)
+    m = trainer.train_step(blobs(8))
+    x, rec = seen["x"], seen["rec"]
+    recon = (rec - x).abs().mean() if recon_loss == "l1" else (rec - x).pow(2).mean()
+    assert m["recon"] == pytest.approx(recon.item(), rel=1e-5)
+    with torch.no_grad():
+        d_real, d_fake = trainer.disc(x), trainer.disc(rec)
+    assert m["gan_g"] == pytest.approx(-d_fake.mean().item(), rel=1e-5)
+    assert m["gan_d"] == pytest.approx(0.5 * ((1 - d_real).clamp(min=0).mean() + (1 + d_fake).clamp(min=0).mean()).item(),
+                                       rel=1e-5)
+    assert m["gan_weight"] == pytest.approx(0.3)
+    quantizer = sum(v for k, v in m.items() if k.startswith("q_"))
+    assert m["loss"] == pytest.approx(2.0 * m["recon"] + 0.5 * 0.25 + 3.0 * quantizer + 0.3 * m["gan_g"], rel=1e-5)
+
+
+def test_adaptive_gan_weight_balances_the_gan_against_the_reconstruction_terms(monkeypatch):
+    """The adaptive weight compares the GAN gradient with the reconstruction + perceptual loss
+    (taming's nll), not the total, and is scaled by disc_weight."""
+    trainer, _ = spied_trainer(monkeypatch, recon_weight=2.0, perceptual_weight=0.5, quantizer_weight=3.0,
+                               disc_weight=0.3, disc_adaptive=True)
+    calls, ratio = [], trainer._adaptive_weight
+    monkeypatch.setattr(trainer, "_adaptive_weight", lambda nll, g: calls.append((nll.item(), ratio(nll, g))) or calls[-1][1])
+    m = trainer.train_step(blobs(8))
+    (nll, w), = calls
+    assert nll == pytest.approx(2.0 * m["recon"] + 0.5 * 0.25, rel=1e-5)
+    assert m["gan_weight"] == pytest.approx(0.3 * w.item(), rel=1e-5)
+
+
+def test_tokenizer_lr_warmup_and_gradient_clipping():
+    """Warmup: lr * (step + 1) / warmup, then lr; the logged lr is the one the step used. Clipping
+    bounds the applied gradient norm; grad_clip=0 means no clipping (it had zeroed every gradient)."""
+    trainer = TokenizerTrainer(micro_config(warmup_steps=4, lr=1e-3, grad_clip=1e-3))
+    lrs = []
+    for trainer.step in (0, 3, 8):
+        lrs.append(trainer._lr())
+    assert lrs == pytest.approx([2.5e-4, 1e-3, 1e-3])
+    trainer.step = 0
+    m = trainer.train_step(blobs(8))
+    assert m["lr"] == pytest.approx(2.5e-4) and all(g["lr"] == pytest.approx(2.5e-4) for g in trainer.opt.param_groups)
+    applied = torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]).norm()
+    assert m["grad_norm"] > 1e-2 and applied.item() == pytest.approx(1e-3, rel=1e-3)
+    unclipped = TokenizerTrainer(micro_config(grad_clip=0.0))
+    before = {k: v.clone() for k, v in unclipped.model.state_dict().items()}
+    unclipped.train_step(blobs(8))
+    changed = [k for k, v in unclipped.model.state_dict().items() if v.is_floating_point() and not torch.equal(before[k], v)]
+    assert any("decoder" in k for k in changed)
+    with pytest.raises(ValueError, match="recon_loss"):
+        micro_config(recon_loss="L1")
+
+
 def test_ema_is_exponential_average_of_weights():
     config = micro_config(ema_decay=0.9)
     trainer = TokenizerTrainer(config)

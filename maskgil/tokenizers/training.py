@@ -43,7 +43,7 @@ class TokenizerTrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     recon_loss: str = "l2"  # "l1" | "l2"
     recon_weight: float = 1.0
     perceptual: str = "auto"  # "auto" (LPIPS if weights given, else Inception features) | "lpips" | "inception" | "none"
@@ -69,6 +69,10 @@ class TokenizerTrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.code_noise < 1.0:
             raise ValueError(f"code_noise is a probability in [0, 1), got {self.code_noise}")
+        if self.recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip is a max gradient norm >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 # Preset-specific defaults. The tiny presets train at 64 px for minutes on 2 CPU cores: a 10x higher
@@ -254,14 +258,16 @@ class TokenizerTrainer:
         x = x.contiguous(memory_format=CONV_MEMORY_FORMAT)
         self.model.check_image_size(x.shape[-2], x.shape[-1])
         self.model.train()
+        lr = self._lr()
         for group in self.opt.param_groups:
-            group["lr"] = self._lr()
+            group["lr"] = lr
         with self._autocast():
             total, rec, m = self.losses(x)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         _sync_grads(self.model.parameters())
-        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        clip = c.grad_clip or float("inf")  # 0: no clipping (as for the generators), only the norm
+        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
         m["codes_restarted"] = self._maybe_restart_dead_codes(self._last_codes)
         if self.disc is not None and self.step >= c.disc_start:
@@ -271,7 +277,7 @@ class TokenizerTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             d.backward()
             _sync_grads(self.disc.parameters())
-            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), c.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
             self.opt_d.step()
             m["gan_d"] = d.item()
         if self.ema is not None:
@@ -282,7 +288,7 @@ class TokenizerTrainer:
                     else:
                         self.ema[k].copy_(v)
         self.step += 1
-        m.update(loss=total.item(), lr=self._lr(), step=self.step)
+        m.update(loss=total.item(), lr=lr, step=self.step)  # the lr this step used
         return m
 
     # -- checkpoints ---------------------------------------------------------------------------
