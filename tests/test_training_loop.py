@@ -40,6 +40,57 @@ def test_lr_schedule_hand_values():
     assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way: cos(pi/2) = 0
     assert lr_at(110, cfg) == pytest.approx(1e-4)
     assert lr_at(5, TrainConfig(lr=2e-4)) == 2e-4
+    constant = TrainConfig(lr=2e-4, warmup_steps=4)  # warmup applies to the constant schedule too (sweeps use it)
+    assert [lr_at(s, constant) for s in (0, 3, 4, 100)] == pytest.approx([5e-5, 2e-4, 2e-4, 2e-4])
+
+
+def test_fit_applies_the_schedule_to_every_group_and_logs_the_stability_signals():
+    """Each step sets lr_at(step) on every parameter group (decayed and not), the logged lr is the
+    one used, and the log carries the loss, grad norm, tokens/s and the paper's output norms: the
+    last block's output (before the final norm) and the final normed states, as hooks here see them."""
+    cfg = TrainConfig(max_steps=5, global_batch=8, lr=1e-3, warmup_steps=2, lr_schedule="cosine", log_every=1)
+    model, opt = make("maskgil-tiny", cfg)
+    assert len(opt.param_groups) >= 2
+    hand = {}
+    model.layers[-1].register_forward_hook(lambda mod, a, out: hand.update(pre=float(out.norm(dim=-1).mean())))
+    model.norm.register_forward_hook(lambda mod, a, out: hand.update(post=float(out.norm(dim=-1).mean())))
+    logged = []
+
+    def on_log(step, m):
+        logged.append(dict(m, groups=[g["lr"] for g in opt.param_groups]))
+        assert (m["output_norm_prenorm"], m["output_norm"]) == pytest.approx((hand["pre"], hand["post"]))
+
+    fit(model, opt, cfg, synthetic_data(), micro_batch=8, accum=1, hooks=Hooks(on_log=on_log))
+    expected = [lr_at(s, cfg) for s in range(5)]
+    assert expected[0] == pytest.approx(5e-4) and expected[-1] < expected[1]  # warmup, then the cosine
+    assert [m["lr"] for m in logged] == pytest.approx(expected)
+    assert all(m["groups"] == pytest.approx([lr] * len(m["groups"])) for m, lr in zip(logged, expected))
+    assert all(m["tokens_per_s"] > 0 and math.isfinite(m["grad_norm"]) for m in logged)
+
+
+def test_a_non_finite_gradient_leaves_weights_and_optimizer_untouched():
+    """A NaN gradient (finite loss) stops the step before optimizer.step(): weights and Adam state
+    stay as they were, and the error names the step."""
+    cfg = TrainConfig(max_steps=1, global_batch=8, lr=1e-3)
+    model, opt = make("maskgil-tiny", cfg)
+    batch = next(synthetic_data()((8, 8), 0))
+    train_step(model, opt, [batch], cfg, 0, (8, 8))  # Adam state exists
+    weights = copy.deepcopy(model.state_dict())
+    adam = copy.deepcopy(opt.state_dict()["state"])
+    model.output.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train_step(model, opt, [batch], cfg, 1, (8, 8))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for i, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, adam[i][k]) for k, v in st.items()), i
+
+
+def test_an_epoch_too_small_for_one_step_is_an_error_not_a_loop():
+    cfg = TrainConfig(max_steps=3, global_batch=16, lr=1e-3)
+    model, opt = make("maskgil-tiny", cfg)
+    with pytest.raises(RuntimeError, match="an epoch ended before its first step"):
+        fit(model, opt, cfg, synthetic_data(n=8), micro_batch=8, accum=2)
 
 
 def test_paper_defaults_and_grid_schedule():
@@ -124,7 +175,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, preset, over
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = TrainConfig(max_steps=10, global_batch=8, lr=1e-3, checkpoint_every=2)
+    cfg = TrainConfig(max_steps=10, global_batch=8, lr=1e-3, checkpoint_every=1)
     model, opt = make("maskgil-tiny", cfg)
 
     def on_ckpt(step, metrics, state):
@@ -140,7 +191,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         fit(model, opt, cfg, synthetic_data(), micro_batch=8, accum=1,
             hooks=Hooks(on_checkpoint=on_ckpt, on_step_end=poison))
     kept = list_checkpoints(tmp_path)
-    assert [p.name for p in kept] == ["step_00000002", "step_00000004"]  # keep-last-2 pruned step 2's elder
+    assert [p.name for p in kept] == ["step_00000004", "step_00000005"]  # keep-last-2 pruned steps 1-3
     good = load_pretrained(kept[-1])
     assert all(torch.isfinite(v).all() for v in good.state_dict().values())
 
@@ -547,6 +598,9 @@ def test_grad_clip_scales_the_gradient_to_the_configured_norm():
     ("label_smoothing", 1.0, r"label_smoothing must be null \(the objective's default\) or in \[0, 1\), got 1.0"),
     ("label_smoothing", -0.1, "label_smoothing must be null"),
     ("mask_schedule", "cosin", r"mask_schedule must be one of \('cosine', 'arccos', 'linear'\), got 'cosin'"),
+    ("lr_schedule", "cosin", "lr_schedule must be 'constant' or 'cosine', got 'cosin'"),
+    ("max_steps", 0, "max_steps and global_batch must be >= 1"),
+    ("global_batch", 0, "max_steps and global_batch must be >= 1"),
     ("micro_batch", 0, "micro_batch must be null or an integer >= 1, got 0"),
     ("micro_batch", -4, "micro_batch must be null or an integer >= 1"),
     ("strategy", "ddpp", r"strategy must be one of \('auto', 'none', 'ddp', 'fsdp'\), got 'ddpp'"),
