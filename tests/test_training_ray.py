@@ -283,6 +283,37 @@ def test_worker_killed_mid_run_resumes_to_the_uninterrupted_model_bit_for_bit(he
 
 @pytest.mark.cluster
 @pytest.mark.slow
+def test_a_diverging_run_stops_for_good_with_its_last_good_checkpoint(head, tmp_path):
+    """lr 1e30 makes step 2's loss NaN. The worker refuses the step and tells the driver, which
+    stops (a restart would replay the same step), tags the MLflow run and marks it FAILED, names
+    the last good checkpoint (step 1's, finite) and writes no final checkpoint."""
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from maskgil.training.ray_trainer import NONFINITE_TAG
+
+    shards, db = tmp_path / "shards", tmp_path / "mlflow.db"
+    write_token_shards(shards)
+    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--config", str(CONFIGS / "train_maskgil_tiny.yaml"),
+           "--shards", str(shards), "--output", str(tmp_path / "final"), "--name", "diverges",
+           "--tracking-uri", f"sqlite:///{db}",
+           "--set", "train.max_steps=6", "train.global_batch=8", "train.checkpoint_every=1", "train.lr=1e30",
+           "train.warmup_steps=0", "train.model_overrides={n_layers: 1, dim: 32, n_heads: 2, vocab_size: 32, "
+           "num_classes: 4}", "scaling.num_workers=1", "run.max_failures=2", f"run.storage_path={tmp_path / 'ray'}"]
+    r = subprocess.run(cmd, env=dict(repo_env(), RAY_ADDRESS=head), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert "training stopped: non-finite training signal at step 1" in r.stderr, r.stderr[-5000:]
+    assert "step_00000001" in r.stderr and not (tmp_path / "final").exists()
+    run = MlflowClient(f"sqlite:///{db}").search_runs(
+        [MlflowClient(f"sqlite:///{db}").get_experiment_by_name("maskgil-train").experiment_id])[0]
+    assert run.info.status == "FAILED" and "step 1" in run.data.tags[NONFINITE_TAG]
+    good = load_file(str(tmp_path / "ray" / "diverges" / "step_00000001" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_fsdp_run_on_cpu_workers_resumes_on_a_different_worker_count(head, tmp_path):
     """FSDP2 through Ray Train on 2 gloo workers, then the same run continued on 1 worker with
     compiled blocks (`train.compile`): the checkpoint holds full state dicts under the plain
@@ -332,6 +363,23 @@ def test_conditioning_must_match_the_shards(tmp_path):
         cfg["train"]["model_overrides"] = {**cfg["train"]["model_overrides"], **tiny}
         with pytest.raises(ValueError, match=want):
             run_training(cfg)
+
+
+def test_shards_of_another_codebook_are_refused_before_any_ray_work(tmp_path):
+    """Token ids the model's vocabulary cannot hold (a 64-code tokenizer's shards, a 32-code model)
+    are refused by check_run with the setting that fixes it."""
+    from maskgil.training.ray_trainer import check_run
+
+    write_token_shards(tmp_path / "c64", vocab=64)
+    cfg = load_run_config(CONFIGS / "train_maskgil_tiny.yaml", {"data": {"shards": str(tmp_path / "c64")},
+                                                                  "run": {"storage_path": str(tmp_path / "ray")}})
+    cfg["train"]["model_overrides"] = {**cfg["train"]["model_overrides"], "vocab_size": 32, "num_classes": 4}
+    with pytest.raises(ValueError, match="64-code tokenizer but the model's vocab_size is 32: set "
+                                         "train.model_overrides.vocab_size=64"):
+        check_run(cfg)
+    cfg["train"]["model_overrides"]["vocab_size"] = 64
+    grids, bucketed, codebook = check_run(cfg)
+    assert codebook == 64 and grids == {(8, 8): str(tmp_path / "c64")} and bucketed == {}
 
 
 def test_labels_the_model_has_no_class_for_are_refused_before_any_ray_work(tmp_path):
