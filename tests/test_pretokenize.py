@@ -15,7 +15,7 @@ from maskgil.cluster import init_ray
 from maskgil.data.embedded import EmbeddedSpec, class_dir_name, make_image, write_imagenet_folder, write_parquet, write_webdataset
 from maskgil.data.images import nearest_bucket
 from maskgil.data.pretokenize import PretokenizeConfig, run_pretokenize
-from maskgil.data.shards import load_tokens, read_manifest, token_dataset
+from maskgil.data.shards import bucket_grids, is_bucketed, load_tokens, read_manifest, token_dataset
 from maskgil.tokenizers import build_tokenizer, load_tokenizer
 
 SIZE = 32  # crop size; the tiny tokenizer downsamples 8x -> 4x4 tokens
@@ -143,9 +143,9 @@ def test_quarantine_reconciles(ray_local, tokenizer_dir, tmp_path):
     n_in = len(good) + len(converted) + len(bad)
     assert s["complete"] and s["reconciled"]
     assert (s["inputs_seen"], s["inputs_written"], s["inputs_quarantined"]) == (n_in, len(good) + len(converted), len(bad))
-    written = set(load_tokens(str(out))["tokens"].shape[:1]) and set(
-        sum((t.column("source").to_pylist() for t in _shard_tables(out)), []))
-    assert written == good | set(converted)  # every good image present, each once
+    sources = sum((t.column("source").to_pylist() for t in _shard_tables(out)), [])
+    assert set(sources) == good | set(converted) and len(sources) == len(set(sources))  # every good image present, each once
+    assert load_tokens(str(out))["tokens"].shape == (len(sources), 16)  # one 4x4 row per written input
     q = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert sorted(r["source"] for r in q) == sorted(bad)
     for r in q:
@@ -204,6 +204,7 @@ def test_parquet_source_with_flip(ray_local, tokenizer_dir, tmp_path):
     assert s["complete"] and (s["inputs_seen"], s["rows_written"]) == (20, 40)
     m = read_manifest(str(tmp_path / "out"))
     assert len(m["shards"]) == 4  # 10 rows per file -> 6 + 4, twice (shards never cross files)
+    assert m["augment"] == "flip" and m["n_aug"] == 2
     t = pq.read_table([tmp_path / "out" / x["file"] for x in m["shards"]])
     assert t.column("aug").to_pylist() == [0, 1] * 20
     assert t.column("source").to_pylist()[:4] == ["train-00000-of-00002.parquet#0"] * 2 + ["train-00000-of-00002.parquet#1"] * 2
@@ -233,6 +234,8 @@ def test_webdataset_captions_and_buckets(ray_local, tokenizer_dir, tmp_path):
     assert s["complete"] and (s["inputs_seen"], s["inputs_written"], s["inputs_quarantined"]) == (19, 18, 1)
     m = read_manifest(str(tmp_path / "out"))
     assert m["grid"] is None and m["target"] == "caption" and len(m["shards"]) == 3
+    assert m["buckets"] == [list(b) for b in buckets] and m["tokenizer"]["downsample"] == 8
+    assert is_bucketed(str(tmp_path / "out")) and bucket_grids(str(tmp_path / "out")) == [(4, 4), (3, 5), (5, 3)]
     t = pq.read_table([tmp_path / "out" / x["file"] for x in m["shards"]])
     spec = EmbeddedSpec(seed=4, width=48, height=48, aspect_ratios=ratios)
     for src, cap, gh, gw, tokens in zip(*(t.column(c).to_pylist() for c in ("source", "caption", "grid_h", "grid_w", "tokens"))):

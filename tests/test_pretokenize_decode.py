@@ -133,6 +133,7 @@ def test_exif_orientation_is_applied():
     (b"definitely not an image\n" * 10, "not an image"),
     (_save(Image.fromarray(RGB), "JPEG")[:300], "truncated"),
     (_save(Image.fromarray(RGB[:20, :20]), "PNG"), "too small"),
+    (_save(Image.new("RGB", (200, 20)), "PNG"), "too small"),  # the short side decides, not the long one
     (_save(Image.fromarray(np.ones((40, 48), np.float32) * 0.5, "F"), "TIFF"), "unsupported mode F"),
 ])
 def test_bad_inputs_name_their_problem(data, reason):
@@ -159,7 +160,9 @@ def _adm_reference(img: Image.Image, s: int) -> np.ndarray:
     return a[y:y + s, x:x + s]
 
 
-@pytest.mark.parametrize("size", [(300, 200), (200, 300), (64, 64), (50, 90), (1000, 130)])
+# (128, 200) and (256, 128): one side exactly 2x the target, so ADM halves (>=, not >);
+# (110, 70): the cover size 100.57 x 64 rounds to 101, where truncating would give 100.
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (64, 64), (50, 90), (1000, 130), (128, 200), (256, 128), (110, 70)])
 def test_centre_crop_matches_adm(size):
     img = Image.fromarray(RNG.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     out = resize_crop(img, 64, 64)
@@ -217,3 +220,76 @@ def test_crop_range_of_one_gives_ten_full_crops():
     crops = Preprocess(64, "ten-crop", crop_range=1.0)(Image.fromarray(RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8)))
     assert [c.shape for c in crops] == [(64, 64, 3)] * 10
     assert all(np.array_equal(c, crops[0]) for c in crops[:5])  # the big crop is the crop: all five coincide
+
+
+def test_short_side_equal_to_min_side_is_accepted():
+    """min_side is the smallest allowed short side: 32x40 passes at min_side 32, 31x40 does not."""
+    assert decode_image(_save(Image.new("RGB", (32, 40)), "PNG"), DecodeLimits(min_side=32)).size == (32, 40)
+    with pytest.raises(BadImage, match="too small: 31x40"):
+        decode_image(_save(Image.new("RGB", (31, 40)), "PNG"), DecodeLimits(min_side=32))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_palette_transparent_index_is_composited_over_white(fmt):
+    """A palette image whose transparent index hides a colour shows white there, as a viewer does."""
+    idx = np.zeros((40, 48), np.uint8)
+    idx[:, 24:] = 1
+    img = Image.fromarray(idx, "P")
+    img.putpalette([10, 200, 10, 200, 50, 30] + [0] * 762)
+    out = np.asarray(decode_image(_save(img, fmt, transparency=0)))
+    assert (out[:, :24] == 255).all() and (out[:, 24:] == (200, 50, 30)).all()
+
+
+def test_grey_with_alpha_is_composited_over_white():
+    """LA: transparent grey pixels become white, opaque ones keep their grey in all three channels."""
+    la = np.zeros((40, 48, 2), np.uint8)
+    la[..., 0] = 77
+    la[:, 24:, 1] = 255
+    out = np.asarray(decode_image(_save(Image.fromarray(la, "LA"), "PNG")))
+    assert (out[:, :24] == 255).all() and (out[:, 24:] == 77).all()
+
+
+def test_bilevel_images_are_black_and_white_and_their_key_is_white():
+    """Mode "1" converts to black/white RGB; with a tRNS key on black (0) the black pixels show white."""
+    bits = np.zeros((40, 48), bool)
+    bits[:, 24:] = True
+    img = Image.fromarray(bits).convert("1")
+    out = np.asarray(decode_image(_save(img, "PNG")))
+    assert (out[:, :24] == 0).all() and (out[:, 24:] == 255).all()
+    keyed = np.asarray(decode_image(_save(img, "PNG", transparency=0)))
+    assert (keyed == 255).all()
+
+
+def _png_header(w: int, h: int, idat: bytes | None = None) -> bytes:
+    """An 8-bit RGB PNG with the given IHDR size and IDAT payload (None: no pixel data at all)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + (chunk(b"IDAT", idat) if idat is not None else b"") + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h,reason", [
+    (20000, 5000, "too large: 20000x5000"),  # over our limit, under 2x PIL's: refused by our header check
+    (20000, 20000, "too large: decompression bomb"),  # over 2x PIL's limit: PIL refuses at open
+])
+def test_oversized_header_is_too_large_not_truncated(w, h, reason):
+    """A file that only declares a huge size is refused for its size, before any pixel is read."""
+    with pytest.raises(BadImage) as e:
+        decode_image(_png_header(w, h))
+    assert e.value.reason.startswith(reason), e.value.reason
+
+
+def test_garbage_pixel_data_is_corrupt():
+    """A PNG whose IDAT is not a zlib stream is "corrupt" (not "truncated", not a crash)."""
+    garbage = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    with pytest.raises(BadImage) as e:
+        decode_image(_png_header(40, 40, garbage))
+    assert e.value.reason.startswith("corrupt"), e.value.reason
+
+
+def test_ten_crop_centre_rounds_an_odd_margin_half_up():
+    """32 px crops from int(32 * 1.1) = 35: the margin 3 puts the centre crop at round(1.5) = 2."""
+    a = RNG.integers(0, 256, (35, 35, 3), dtype=np.uint8)
+    crops = ten_crop(Image.fromarray(a), 32, 1.1)
+    assert np.array_equal(crops[0], a[2:34, 2:34]) and np.array_equal(crops[4], a[3:, 3:])

@@ -14,9 +14,11 @@ from PIL import Image
 
 from maskgil.checkpoint import weights_hash
 from maskgil.data.images import DecodeLimits, Preprocess
-from maskgil.data.pretokenize import PretokenizeConfig, caption_problem, label_problem, local_stream, run_pretokenize, shard_records
+from maskgil.data.embedded import write_imagenet_folder
+from maskgil.data.pretokenize import (PretokenizeConfig, caption_problem, label_problem, local_stream, run_pretokenize,
+                                     settings_fingerprint, shard_records)
 from maskgil.data.shards import load_tokens, read_manifest
-from maskgil.data.sources import plan_shards
+from maskgil.data.sources import Columns, plan_shards
 from maskgil.tokenizers import build_tokenizer
 
 SIZE = 32  # the tiny tokenizer downsamples 8x -> 4x4 tokens
@@ -29,20 +31,21 @@ def _jpeg(k: int) -> bytes:
     return b.getvalue()
 
 
-def _parquet(path: Path, labels=None, captions=None, classes=None) -> Path:
-    """Hugging Face style Parquet: image bytes + label and/or caption; `classes` adds a ClassLabel feature."""
+def _parquet(path: Path, labels=None, captions=None, classes=None, row_group_size=None, names=Columns()) -> Path:
+    """Hugging Face style Parquet: image bytes + label and/or caption; `classes` adds a ClassLabel feature;
+    `names` the column names, `row_group_size` the rows per row group (default: one group)."""
     path.mkdir(parents=True, exist_ok=True)
     n = len(labels if labels is not None else captions)
-    cols = {"image": pa.array([_jpeg(k) for k in range(n)], pa.binary())}
+    cols = {names.image: pa.array([_jpeg(k) for k in range(n)], pa.binary())}
     if labels is not None:
-        cols["label"] = pa.array(labels, pa.int64())
+        cols[names.label] = pa.array(labels, pa.int64())
     if captions is not None:
-        cols["caption"] = pa.array(captions)
+        cols[names.caption] = pa.array(captions)
     table = pa.table(cols)
     if classes:
         features = {"info": {"features": {"label": {"names": [f"c{i}" for i in range(classes)], "_type": "ClassLabel"}}}}
         table = table.replace_schema_metadata({"huggingface": json.dumps(features)})
-    pq.write_table(table, path / "train-00000-of-00001.parquet")
+    pq.write_table(table, path / "train-00000-of-00001.parquet", row_group_size=row_group_size)
     return path
 
 
@@ -59,8 +62,9 @@ def tokenizers(tmp_path_factory):
 
 
 def _cfg(source, out, tok, **kw):
+    kw.setdefault("rows_per_shard", 4)
     return PretokenizeConfig(source=str(source), format="parquet", out=str(out), tokenizer=tok, image_size=SIZE,
-                             batch_size=8, rows_per_shard=4, **kw)
+                             batch_size=8, **kw)
 
 
 def _run(cfg):
@@ -153,3 +157,78 @@ def test_label_problem():
     assert label_problem(5, 5) == "label 5 out of range: the source declares 5 classes"
     assert label_problem(True) == "label is not an integer: bool" and label_problem("n014") == "label is not an integer: str"
     assert label_problem(1.0) == "label is not an integer: float"
+
+
+def _sources(out: Path) -> list[str]:
+    m = read_manifest(str(out))
+    return sum((pq.read_table(out / x["file"]).column("source").to_pylist() for x in m["shards"]), [])
+
+
+def test_parquet_shards_read_the_right_rows_across_row_groups(tokenizers, tmp_path):
+    """Row groups of 4 and shards of 6 rows: a shard starting inside a row group reads its own rows
+    (offset from the first group it reads), each input once, in order."""
+    src = _parquet(tmp_path / "src", labels=list(range(10)), row_group_size=4)
+    assert pq.ParquetFile(src / "train-00000-of-00001.parquet").metadata.num_row_groups == 3
+    s = _run(_cfg(src, tmp_path / "out", tokenizers["A"], rows_per_shard=6))
+    assert s["complete"] and s["reconciled"] and (s["inputs_seen"], s["inputs_written"]) == (10, 10)
+    assert _sources(tmp_path / "out") == [f"train-00000-of-00001.parquet#{i}" for i in range(10)]
+    assert load_tokens(str(tmp_path / "out"))["label"].tolist() == list(range(10))  # the rows' own data, not just names
+
+
+def test_settings_fingerprint_changes_with_every_setting():
+    """Each setting that decides a shard's content changes the fingerprint; an equal config does not."""
+    tok = {"weights_sha256": "w"}
+
+    def fp(**kw):
+        return settings_fingerprint(PretokenizeConfig(source="s", format="imagenet", out="o", tokenizer="t", **kw), tok)
+
+    base = fp()
+    assert fp() == base
+    changed = [fp(image_size=128), fp(augment="flip"), fp(crop_range=1.2), fp(buckets=((256, 256), (320, 192))),
+               fp(min_side=16), fp(max_pixels=10**6), fp(target="caption"), fp(columns=Columns(image="jpg")),
+               settings_fingerprint(PretokenizeConfig(source="s", format="imagenet", out="o", tokenizer="t"), {"weights_sha256": "v"})]
+    assert base not in changed and len(set(changed)) == len(changed)
+    # Settings that do not change a shard's content leave it alone.
+    assert fp(rows_per_shard=7, num_tokenizers=3, batch_size=5, chunk_size=9) == base
+
+
+def test_rerun_with_another_augment_rewrites_the_shards(tokenizers, tmp_path):
+    """augment none, then flip into the same directory: every shard is redone with two rows per input."""
+    src = _parquet(tmp_path / "src", labels=list(range(6)))
+    out = tmp_path / "out"
+    a = _run(_cfg(src, out, tokenizers["A"]))
+    assert a["rows_written"] == 6 and read_manifest(str(out))["n_aug"] == 1
+    b = _run(_cfg(src, out, tokenizers["A"], augment="flip"))
+    assert b["complete"] and (b["shards_skipped"], b["shards_written"], b["rows_written"]) == (0, 2, 12)
+    m = read_manifest(str(out))
+    assert m["augment"] == "flip" and m["n_aug"] == 2
+    assert pq.read_table(out / m["shards"][0]["file"]).column("aug").to_pylist() == [0, 1] * 4
+
+
+def test_rerun_after_an_input_is_added_redoes_the_shards_it_moves(tokenizers, tmp_path):
+    """A file added to the first class folder shifts every later input to another shard: those shards
+    are redone, so the rows are the full sorted listing, each once."""
+    train = write_imagenet_folder(tmp_path / "src", n_train=10, n_val=0, size=(40, 36), seed=2) / "train"
+    out = tmp_path / "out"
+    cfg = PretokenizeConfig(source=str(train), format="imagenet", out=str(out), tokenizer=tokenizers["A"], image_size=SIZE,
+                            batch_size=8, rows_per_shard=4)
+    first = _run(cfg)
+    assert first["complete"] and first["inputs_seen"] == 10
+    first_dir = sorted(d for d in train.iterdir() if d.is_dir())[0]
+    (first_dir / "aaa_added.JPEG").write_bytes(_jpeg(99))  # sorts first in the first class folder
+    second = _run(cfg)
+    assert second["complete"] and second["reconciled"] and second["inputs_seen"] == 11
+    assert second["shards_written"] == 3  # every shard's inputs changed
+    expect = [str(p.relative_to(train)) for p in sorted(train.glob("*/*.JPEG"))]
+    assert _sources(out) == expect and len(set(expect)) == 11
+
+
+def test_custom_parquet_column_names(tokenizers, tmp_path):
+    """Parquet with webdataset-style names (jpg / cls / txt) pretokenizes through matching Columns."""
+    names = Columns(image="jpg", label="cls", caption="txt")
+    src = _parquet(tmp_path / "src", labels=[3, 1, 2], captions=["a", "b", "c"], names=names)
+    s = _run(_cfg(src, tmp_path / "lab", tokenizers["A"], columns=names))  # target from the columns: label
+    assert s["complete"] and (s["inputs_seen"], s["inputs_written"]) == (3, 3)
+    assert load_tokens(str(tmp_path / "lab"))["label"].tolist() == [3, 1, 2]
+    c = _run(_cfg(src, tmp_path / "cap", tokenizers["A"], columns=names, target="caption"))
+    assert c["complete"] and load_tokens(str(tmp_path / "cap"))["caption"] == ["a", "b", "c"]

@@ -189,3 +189,24 @@ def test_parquet_class_count_comes_from_hugging_face_features(tmp_path):
     assert [(r.label, r.num_classes) for r in read_shard(shard)] == [(2, 3), (3, 3)]
     assert declared_classes({b"huggingface": b'{"info": {"features": {"label": {"_type": "Value"}}}}'}, "label") is None
     assert declared_classes(None, "label") is None and declared_classes({b"huggingface": b"not json"}, "label") is None
+
+
+def test_webdataset_extensions_are_case_insensitive(tmp_path):
+    """Cameras and Windows tools write .JPG / .TXT / .CLS: those are the sample's image, caption and label."""
+    _tar(tmp_path / "a.tar", [("k1.JPG", b"J1"), ("k1.TXT", b"upper"), ("k1.CLS", b"3"), ("k2.Png", b"P2")])
+    (shard,) = plan_shards(str(tmp_path), "webdataset")
+    recs = list(read_shard(shard))
+    assert [(r.source, r.data, r.caption, r.label, r.error) for r in recs] == [
+        ("a.tar/k1", b"J1", "upper", 3, None), ("a.tar/k2", b"P2", None, None, None)]
+
+
+def test_parquet_row_groups_give_each_shard_its_own_rows(tmp_path):
+    """Row groups of 4, shards of 6: shard 1 starts inside the second row group and still reads rows 6..9."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array([b"x%d" % i for i in range(10)]), "label": pa.array(range(10))}),
+                   tmp_path / "t.parquet", row_group_size=4)
+    plan = plan_shards(str(tmp_path), "parquet", rows_per_shard=6)
+    recs = [r for s in plan for r in read_shard(s)]
+    assert [(r.source, r.data, r.label) for r in recs] == [(f"t.parquet#{i}", b"x%d" % i, i) for i in range(10)]

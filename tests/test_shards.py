@@ -252,3 +252,27 @@ def test_invalidate_manifest_removes_what_the_finished_run_left(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         load_tokens(str(tmp_path))
     assert w.is_complete(0, "A-0")  # shards and their records are kept: a same-settings rerun still resumes
+
+
+@pytest.mark.parametrize("n_tokens", [8, None])
+def test_a_shard_with_every_input_quarantined(tmp_path, n_tokens):
+    """A shard with no rows (all its inputs quarantined) is written, finalized and read: the other
+    shards' rows load, label_range skips its empty row group, and all-empty shards give None."""
+    w = TokenShardWriter(str(tmp_path), 512, n_tokens, "label")
+    empty = {"tokens": [], "grid_h": [], "grid_w": [], "label": [], "source": [], "aug": []}
+    bad = [{"source": "a", "reason": "not an image"}, {"source": "b", "reason": "too small"}]
+    rec = w.write(0, "fp0", empty, bad, 2)
+    assert (rec["rows"], rec["written_inputs"], rec["quarantined"], rec["seen"]) == (0, 0, 2, 2)
+    assert w.is_complete(0, "fp0")
+    w.write(1, "fp1", _rows(3, 8, 512, label0=4), [], 3)
+    m = w.finalize(2, {"grid": [2, 4] if n_tokens else None})
+    assert (m["rows_written"], m["inputs_seen"], m["inputs_written"], m["inputs_quarantined"]) == (3, 5, 3, 2)
+    got = load_tokens(str(tmp_path))
+    assert got["tokens"].shape == (3, 8) and got["label"].tolist() == [4, 5, 6]
+    assert label_range(str(tmp_path)) == (4, 6)
+    only = TokenShardWriter(str(tmp_path / "only"), 512, n_tokens, "label")
+    only.write(0, "fp", empty, bad[:1], 1)
+    only.finalize(1, {})
+    assert label_range(str(tmp_path / "only")) is None
+    with pytest.raises(ValueError, match="no rows"):
+        load_tokens(str(tmp_path / "only"))
