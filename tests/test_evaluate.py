@@ -128,6 +128,86 @@ def test_sample_is_the_sampler_called_with_its_own_seed(setup):
     assert not np.array_equal(got, other)
 
 
+def test_seed_chunk_is_seeded_by_its_first_sample_index(setup):
+    """With seed_chunk > 1, chunk c (samples 3c .. 3c+2) is one sampler call whose generator is
+    seeded by chunk_seed(seed, 3c), its first sample index (not the chunk number c)."""
+    from maskgil.checkpoint import load_pretrained
+    from maskgil.metrics.images import to_uint8_grid
+    from maskgil.sampling import sample_maskgit
+    from maskgil.tokenizers import load_tokenizer
+
+    spec = SamplerSpec(sampler="mar", steps=2, cfg_scale=2.0, seed=7, seed_chunk=3)
+    got = SampleAndDecode(dataclasses.asdict(paths_of(setup)), dataclasses.asdict(spec), num_images=16)(
+        {"id": np.array([1])})
+    assert got["index"].tolist() == [3, 4, 5]
+    mar, tok = load_pretrained(setup["mar"]), load_tokenizer(setup["tokenizer"])
+    codes = sample_maskgit(mar, torch.tensor([3, 4, 5]), (8, 8), steps=2, cfg_scale=2.0,
+                           generator=torch.Generator().manual_seed(chunk_seed(7, 3)))
+    want = to_uint8_grid(tok.decode(codes.view(3, 8, 8))).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got["image"], want)
+
+
+@pytest.fixture(scope="module")
+def sharp_models():
+    """Small MAR and AR models whose output, class embedding and attention weights are scaled up:
+    random tiny weights give near-uniform logits, whose draws the sampling knobs hardly change."""
+    from maskgil.models import build_model
+
+    torch.manual_seed(0)
+    models = []
+    for preset in ("maskgil-tiny", "llamagen-tiny"):
+        model = build_model(preset, n_layers=1, n_heads=2, dim=32).eval()
+        with torch.no_grad():
+            model.output.weight.mul_(30.0)
+            model.cls_embedding.embedding_table.weight.mul_(3.0)
+            for layer in model.layers:
+                layer.attention.wqkv.weight.mul_(10.0)
+        models.append(model)
+    return tuple(models)
+
+
+# (sampler, SamplerSpec field, a value off the library's default); base specs set steps, cfg_scale
+# and (fusion) ar_tokens off the library defaults too.
+KNOBS = [("mar", "steps", 3), ("mar", "cfg_scale", 3.0), ("mar", "cfg_schedule", "linear"),
+         ("mar", "schedule", "linear"), ("mar", "temperature", 0.3), ("mar", "top_k", 2),
+         ("mar", "choice_temperature", 0.0),
+         ("ar", "cfg_scale", 3.0), ("ar", "cfg_schedule", "linear"), ("ar", "temperature", 0.3), ("ar", "top_k", 2),
+         ("ar", "top_p", 0.5),
+         ("fusion", "steps", 3), ("fusion", "ar_tokens", 20), ("fusion", "cfg_scale", 3.0),
+         ("fusion", "cfg_schedule", "linear"), ("fusion", "schedule", "linear"), ("fusion", "temperature", 0.3),
+         ("fusion", "top_k", 2), ("fusion", "top_p", 0.5), ("fusion", "choice_temperature", 0.0)]
+
+
+@pytest.mark.parametrize("sampler,knob,value", KNOBS, ids=[f"{s}-{k}" for s, k, _ in KNOBS])
+def test_every_sampler_setting_reaches_the_library_sampler(sharp_models, sampler, knob, value):
+    """sample_codes gives exactly the library sampler called with the spec's settings and the same
+    generator, for each setting off its default, one at a time (and that setting changes the draw)."""
+    from maskgil.evaluation.generation import sample_codes
+    from maskgil.sampling import sample_ar, sample_fusion, sample_maskgit
+
+    mar, ar = sharp_models
+    labels = torch.tensor([3, 9])
+    base = {"steps": 3, "cfg_scale": 3.0} | ({"ar_tokens": 20} if sampler == "fusion" else {})
+    s = SamplerSpec(sampler=sampler, **{**base, knob: value})
+    common = dict(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule, temperature=s.temperature, top_k=s.top_k)
+    if sampler == "mar":
+        library = lambda **kw: sample_maskgit(mar, labels, (8, 8), **kw)  # noqa: E731
+        kwargs = dict(common, steps=s.steps, schedule=s.schedule, choice_temperature=s.choice_temperature)
+    elif sampler == "ar":
+        library = lambda **kw: sample_ar(ar, labels, (8, 8), **kw)  # noqa: E731
+        kwargs = dict(common, top_p=s.top_p)
+    else:
+        library = lambda **kw: sample_fusion(ar, mar, labels, (8, 8), **kw)  # noqa: E731
+        kwargs = dict(common, ar_tokens=s.ar_tokens, mar_steps=s.steps, top_p=s.top_p, schedule=s.schedule,
+                      choice_temperature=s.choice_temperature)
+    got = sample_codes(s, mar, ar, labels, torch.Generator().manual_seed(11))
+    want = library(**kwargs, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(got, want)
+    name = "mar_steps" if (sampler, knob) == ("fusion", "steps") else knob
+    other = {k: v for k, v in kwargs.items() if k != name} | ({"ar_tokens": 32} if knob == "ar_tokens" else {})
+    assert not torch.equal(library(**other, generator=torch.Generator().manual_seed(11)), want)  # it matters
+
+
 def test_sampling_at_another_grid(setup):
     """`grid` samples a wide 6x10 grid from the 8x8 checkpoint (2D RoPE): sample 3 is exactly
     sample_maskgit at that grid, decoded to 48x80 pixels; the label and image size say so."""
@@ -207,10 +287,11 @@ class MeanColourExtractor:
     has_logits = False
 
     def __init__(self):
-        self.calls = 0
+        self.calls, self.shapes = 0, []
 
     def features(self, images):
         self.calls += 1
+        self.shapes.append(np.shape(images))  # (n, H, W, 3): what the reference fed in
         return np.asarray(images, np.float32).reshape(len(images), -1, 3).mean(1)
 
 
@@ -233,11 +314,68 @@ def test_folder_reference_is_cached_and_skips_unreadable_files(tmp_path):
     again, cache2 = load_reference(tmp_path / "val", (32, 32), ext, tmp_path / "cache", progress=False)
     assert ext.calls == calls and cache2 == cache  # from the cache, no extraction
     np.testing.assert_array_equal(again.features, ref.features)
-    (folder / "broken.jpg").unlink()
-    sub, _ = load_reference(tmp_path / "val", (32, 32), ext, tmp_path / "cache", limit=2, progress=False)
-    assert sub.stats.num == 2  # a different subset is a different cache entry
     with pytest.raises(FileNotFoundError, match="not a folder of images or an .npz"):
         load_reference(tmp_path / "nothing.txt", (32, 32), ext, tmp_path / "cache")
+
+
+def test_folder_reference_is_extracted_anew_when_one_input_changes(tmp_path):
+    """The cached features of a folder are reused only for the same files, crop size and subset:
+    another limit (same files), another crop size, or one image repainted (same name) each extract
+    anew into another cache file; the crop is (H, W) = image_hw, also when it is not square."""
+    from PIL import Image
+
+    from maskgil.evaluation.reference import load_reference
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, c in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 20, 30)]):
+        Image.new("RGB", (48, 40), c).save(folder / f"{i}.png")
+    ext = MeanColourExtractor()
+
+    def load(hw=(32, 32), limit=None):
+        calls = ext.calls
+        ref, cache = load_reference(folder, hw, ext, tmp_path / "cache", limit=limit, progress=False)
+        return ref, cache, ext.calls > calls
+
+    ref, cache, extracted = load()
+    assert extracted and load()[1:] == (cache, False)  # the same inputs: from the cache
+    sub, sub_cache, extracted = load(limit=2)
+    assert extracted and sub_cache != cache and sub.stats.num == 2
+    wide, wide_cache, extracted = load(hw=(16, 24))
+    assert extracted and wide_cache != cache and "crop 16x24" in wide.name
+    assert ext.shapes[-1][1:] == (16, 24, 3)  # 16 high, 24 wide
+    before = (folder / "3.png").stat().st_mtime_ns
+    Image.new("RGB", (48, 40), (200, 200, 200)).save(folder / "3.png")
+    os.utime(folder / "3.png", ns=(before + 10**9, before + 10**9))  # a later mtime even on a coarse clock
+    new, new_cache, extracted = load()
+    assert extracted and new_cache != cache
+    np.testing.assert_allclose(new.features[3], [200, 200, 200], atol=0.5)
+
+
+def test_npz_reference_is_extracted_anew_when_the_file_changes(tmp_path):
+    """A sample batch's cached features follow the file: rewritten with other images of the same
+    byte size (a later mtime), then with more images under that same mtime, it is extracted anew."""
+    from maskgil.evaluation.reference import load_reference
+
+    path = tmp_path / "samples.npz"
+    ext = MeanColourExtractor()
+
+    def write(values, mtime_ns=None):
+        np.savez(path, arr_0=np.stack([np.full((4, 4, 3), v, np.uint8) for v in values]))
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns))
+        return path.stat()
+
+    def first_channel():
+        return load_reference(path, (4, 4), ext, tmp_path / "c", progress=False)[0].features[:, 0].tolist()
+
+    st = write([0, 50, 100])
+    assert first_channel() == [0, 50, 100]
+    later = st.st_mtime_ns + 10**9
+    assert write([7, 8, 9], mtime_ns=later).st_size == st.st_size  # only the mtime tells them apart
+    assert first_channel() == [7, 8, 9]
+    assert write([1, 2, 3, 4], mtime_ns=later).st_mtime_ns == later  # only the size tells them apart
+    assert first_channel() == [1, 2, 3, 4]
 
 
 def test_adm_batch_reference_reextracts_its_images(tmp_path):

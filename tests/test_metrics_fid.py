@@ -169,3 +169,38 @@ def test_only_ports_of_adms_graph_compare_with_its_statistics():
     assert not comparable_networks(port, "torch-fidelity/pytorch-fid Inception-v3 2015-12-05 pool3 (x.pth, sha256 1)")
     odd = "torch-fidelity/pytorch-fid Inception-v3 2015-12-05 pool3 (x.pth, sha256 12345678, NOT the standard file 6726825d)"
     assert not comparable_networks(odd, ADM_FEATURE_NETWORK)
+
+
+def test_singular_product_retries_sqrtm_with_eps_on_both_diagonals(monkeypatch):
+    """When sqrtm(S1 S2) is not finite, FID is computed from sqrtm((S1 + eps I)(S2 + eps I))."""
+    import maskgil.metrics.fid as fid
+
+    rng = np.random.default_rng(9)
+    s1, s2 = random_spd(rng, 4), random_spd(rng, 4)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    calls = []
+
+    def sqrtm(m):
+        calls.append(m)
+        return np.full_like(m, np.nan) if len(calls) == 1 else fid.scipy.linalg.sqrtm(m)
+
+    monkeypatch.setattr(fid, "_sqrtm", sqrtm)
+    got = frechet_distance(mu1, s1, mu2, s2, eps=0.5)
+    assert len(calls) == 2
+    np.testing.assert_allclose(calls[1], (s1 + 0.5 * np.eye(4)) @ (s2 + 0.5 * np.eye(4)), rtol=1e-12)
+    covmean = fid.scipy.linalg.sqrtm((s1 + 0.5 * np.eye(4)) @ (s2 + 0.5 * np.eye(4))).real
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_imaginary_sqrtm_round_off_is_dropped_but_a_large_part_raises(monkeypatch):
+    """A tiny imaginary part of sqrtm (round-off) is ignored; matrices that are not covariances
+    (here S2 = -I: sqrtm(-S1) is imaginary) are refused rather than given a meaningless FID."""
+    import maskgil.metrics.fid as fid
+
+    s = random_spd(np.random.default_rng(10), 3)
+    with pytest.raises(ValueError, match="imaginary component"):
+        frechet_distance(np.zeros(3), s, np.zeros(3), -np.eye(3))
+    exact = frechet_distance(np.zeros(3), s, np.ones(3), s)
+    monkeypatch.setattr(fid, "_sqrtm", lambda m: fid.scipy.linalg.sqrtm(m) + 1e-5j)
+    assert frechet_distance(np.zeros(3), s, np.ones(3), s) == pytest.approx(exact, rel=1e-12)

@@ -83,3 +83,25 @@ def test_adm_reference_batch_reextracted_with_our_network(extractor, tmp_path):
     np.testing.assert_allclose(ref.features, extractor.features(images), atol=1e-4, rtol=1e-4)
     precomputed = Reference.from_adm(batch)
     assert precomputed.features is None and precomputed.feature_network.startswith("tf-inception")
+
+
+def test_precision_is_of_the_generated_set_and_recall_of_the_reference():
+    """Generated samples that all look real but cover a fifth of the reference: precision 1, low
+    recall (swapping the two sets swaps the numbers)."""
+    rng = np.random.default_rng(4)
+    line = lambda xs: np.stack([np.asarray(xs, float), rng.normal(scale=1e-3, size=len(xs))], 1)  # noqa: E731
+    ref = Reference.from_features(line(np.arange(100)), "net", "line")
+    out = compute_generation_metrics(line(np.arange(40, 60)), ref, feature_network="net")
+    assert out["precision"] == 1.0
+    assert 0.2 < out["recall"] < 0.3  # reference points 37..62: within 3 of a generated one
+
+
+def test_inception_score_is_over_ten_splits():
+    """IS is reported over 10 splits (the convention): 100 samples of 100 distinct, certain classes
+    score 10 (each split of 10 holds 10 classes), not 100 (one split)."""
+    logits = np.full((100, 1008), -1e4)
+    logits[np.arange(100), np.arange(100)] = 0.0
+    ref = Reference.from_features(np.random.default_rng(5).normal(size=(50, 4)), "net", "r")
+    out = compute_generation_metrics(np.random.default_rng(6).normal(size=(100, 4)), ref, gen_logits=logits,
+                                     feature_network="net")
+    assert out["inception_score"] == pytest.approx(10.0) and out["inception_score_std"] == pytest.approx(0.0, abs=1e-9)

@@ -86,3 +86,28 @@ def test_inception_score_two_class_hand_computation():
     assert inception_score(logits, splits=1)[0] == pytest.approx(np.exp(kl))
     with pytest.raises(ValueError, match="splits"):
         inception_score(logits, splits=10)
+
+
+def test_inception_score_two_splits_hand_computation():
+    """Each split scores exp(mean KL) (not the mean of exp KL: samples within a split have different
+    KLs here); the result is the mean and population std (ddof=0) of the two split scores."""
+    p = np.array([[0.99, 0.01], [0.5, 0.5], [0.02, 0.98], [0.7, 0.3]])
+
+    def split_score(q):
+        marginal = q.mean(0)
+        kl = (q * np.log(q / marginal)).sum(1)
+        assert abs(kl[0] - kl[1]) > 0.1  # the two orders of exp and mean differ
+        return np.exp(kl.mean())
+
+    a, b = split_score(p[:2]), split_score(p[2:])
+    mean, std = inception_score(np.log(p), splits=2)
+    assert mean == pytest.approx((a + b) / 2, rel=1e-12)
+    assert std == pytest.approx(abs(a - b) / 2, rel=1e-12) and std > 0.05
+
+
+def test_points_exactly_on_a_radius_are_inside():
+    """The balls are closed (distance <= radius), for both precision and recall. k=1, on a line:
+    real 0..3 (radii 1); generated 4 (radius 4, reaching 8), 8, 20, 21. Generated 4 lies exactly
+    1 from real 3: precision 1/4. Real 0 lies exactly 4 from generated 4: recall 4/4, not 3/4."""
+    pr = precision_recall(on_line([0, 1, 2, 3]), on_line([4, 8, 20, 21]), k=1)
+    assert pr == {"precision": 0.25, "recall": 1.0}

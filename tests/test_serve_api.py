@@ -1,6 +1,7 @@
 """Serving without a cluster: request schema and limits, checkpoint resolution, the app builder,
 the Serve config files, replica health, and the ingress over HTTP (TestClient, replicas in-process)."""
 import asyncio
+import contextlib
 import dataclasses
 import json
 import time
@@ -185,6 +186,55 @@ def test_replicas_with_compile(ckpts):
             assert torch.equal(got["tokens"], want["tokens"]), name
 
 
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """Real MAR and AR replicas built in-process (no Serve), by kind. Output, class embedding and
+    attention weights are scaled up: random tiny weights give near-uniform logits and attention,
+    whose draws temperature, top-k, guidance and token positions (the grid) hardly change."""
+    from maskgil.serve import ARModel, MARModel
+
+    d = tmp_path_factory.mktemp("sharp")
+    torch.manual_seed(0)
+    for name, preset in (("mar", "maskgil-tiny"), ("ar", "llamagen-tiny")):
+        model = build_model(preset, **SMALL)
+        with torch.no_grad():
+            model.output.weight.mul_(30.0)
+            model.cls_embedding.embedding_table.weight.mul_(3.0)
+            for layer in model.layers:
+                layer.attention.wqkv.weight.mul_(10.0)
+        save_pretrained(model, d / name)
+    return {"mar": MARModel.func_or_class(str(d / "mar"), device="cpu"),
+            "ar": ARModel.func_or_class(str(d / "ar"), device="cpu")}
+
+
+BATCH_BASE = {"num_images": 1, "class_id": 3, "seed": 5, "grid": (8, 8), "cfg_scale": 4.0, "cfg_schedule": "constant",
+              "temperature": 1.0, "top_k": None, "steps": 4, "choice_temperature": 4.5, "ar_tokens": 16}
+# Each setting that changes what a request samples, per replica kind, and another value for it.
+BATCH_KEY_CHANGES = [("mar", "grid", (4, 6)), ("mar", "steps", 5), ("mar", "cfg_scale", 1.0),
+                     ("mar", "cfg_schedule", "linear"), ("mar", "temperature", 0.3), ("mar", "top_k", 2),
+                     ("mar", "choice_temperature", 0.0),
+                     ("ar", "grid", (16, 4)), ("ar", "ar_tokens", 12), ("ar", "cfg_scale", 1.0),
+                     ("ar", "cfg_schedule", "linear"), ("ar", "temperature", 0.3), ("ar", "top_k", 2)]
+
+
+@pytest.mark.parametrize("kind,field,value", BATCH_KEY_CHANGES, ids=[f"{k}-{f}" for k, f, _ in BATCH_KEY_CHANGES])
+def test_requests_differing_in_one_setting_get_their_own_settings_in_a_batch(replicas, kind, field, value):
+    """A replica batch runs each group with its first request's settings, so every setting that
+    changes the tokens must be part of the grouping key: requests differing in that one setting,
+    arriving in one batch (in either order), each get exactly the tokens they get alone, while
+    requests with the same settings (other class and seed) do share a group."""
+    replica = replicas[kind]
+    run = type(replica)._run.__wrapped__  # the batch method without Serve's queue: a list in, a list out
+    a, b = dict(BATCH_BASE), {**BATCH_BASE, field: value, "seed": 6}
+    c = {**BATCH_BASE, "class_id": 7, "seed": 8}  # a's settings
+    alone = {id(it): asyncio.run(run(replica, [it]))[0][1]["tokens"] for it in (a, b, c)}
+    for batch in ([a, b, c], [b, c, a]):
+        out = asyncio.run(run(replica, batch))
+        assert all(ok for ok, _ in out), out
+        assert all(torch.equal(res["tokens"], alone[id(it)]) for it, (_, res) in zip(batch, out)), (kind, field)
+        assert [res["batch"]["requests"] for _, res in out] == [1 if it is b else 2 for it in batch]
+
+
 class FakeResponse:
     """Stands in for a DeploymentResponse: awaitable, cancellable."""
 
@@ -337,24 +387,56 @@ class InProcessHandle:
         return value
 
 
-@pytest.fixture(scope="module")
-def client(ckpts):
-    """The ingress app over HTTP (FastAPI's TestClient), its stages real replicas run in-process."""
+@contextlib.contextmanager
+def ingress_client(ar, mar, decoder):
+    """The ingress app over HTTP (FastAPI's TestClient), its stages the given handles."""
     import ray.serve
     from fastapi.testclient import TestClient
 
-    from maskgil.serve import ARModel, Decoder, Fusion, MARModel, api, model_shape
+    from maskgil.serve import Fusion, api
 
-    ar, mar, tok = (str(ckpts / n) for n in ("llamagen", "maskgil", "tokenizer"))
-    replicas = (ARModel.func_or_class(ar, device="cpu"), MARModel.func_or_class(mar, device="cpu"),
-                Decoder.func_or_class(tok, device="cpu"))
     ingress = Fusion.func_or_class.__mro__[1]  # the class as written, without Serve's ASGI wrapper
-    fusion = ingress(*map(InProcessHandle, replicas), shape=dataclasses.asdict(model_shape(mar, ar, tok)),
-                     limits=Limits().model_dump())
+    fusion = ingress(ar, mar, decoder, shape=dataclasses.asdict(SHAPE), limits=Limits().model_dump())
     with pytest.MonkeyPatch.context() as mp:  # the routes find their deployment instance here
         mp.setattr(ray.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=fusion))
         with TestClient(api, raise_server_exceptions=False) as c:
             yield c
+
+
+@pytest.fixture(scope="module")
+def client(ckpts):
+    """The ingress app over HTTP, its stages real replicas run in-process."""
+    from maskgil.serve import ARModel, Decoder, MARModel, model_shape
+
+    ar, mar, tok = (str(ckpts / n) for n in ("llamagen", "maskgil", "tokenizer"))
+    assert model_shape(mar, ar, tok) == SHAPE
+    replicas = (ARModel.func_or_class(ar, device="cpu"), MARModel.func_or_class(mar, device="cpu"),
+                Decoder.func_or_class(tok, device="cpu"))
+    with ingress_client(*map(InProcessHandle, replicas)) as c:
+        yield c
+
+
+def test_http_stage_failures_answer_with_their_status_and_the_seed():
+    """A stage that fails answers as JSON naming the failure, with the request's seed (so the caller
+    can retry it): a model error is a 500 naming the exception, overload a 503, a dead replica
+    (after its retry) a 503; a request without a seed gets the one it was given."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+
+    body = {"class_id": 1, "steps": 2, "seed": 123, "output": "json"}
+    cases = [(FakeHandle(ValueError("codes out of range")), 500, "generation failed: ValueError: codes out of range"),
+             (FakeHandle(BackPressureError(num_queued_requests=9, max_queued_requests=8)), 503,
+              "MAR deployment is at capacity (queue full); retry later"),
+             (FakeHandle(ActorDiedError(), ActorDiedError()), 503,
+              "MAR replica unavailable (ActorDiedError); retry later")]
+    for mar, status, detail in cases:
+        with ingress_client(FakeHandle(), mar, FakeHandle()) as c:
+            r = c.post("/generate", json=body)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+        assert r.json() == {"detail": detail, "seed": 123}
+    with ingress_client(FakeHandle(), FakeHandle(RuntimeError("boom")), FakeHandle()) as c:
+        r = c.post("/generate", json={"class_id": 1, "steps": 2})
+    assert r.status_code == 500 and isinstance(r.json()["seed"], int) and "RuntimeError: boom" in r.json()["detail"]
 
 
 def strict_json(response):
