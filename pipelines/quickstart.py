@@ -336,17 +336,15 @@ def generator_config(kind: str, args, dirs, uri: str, parent_id: str) -> dict:
     over = parse_overrides(args.set)
     over.setdefault("data", {})["shards"] = str(dirs["shards"])
     codebook = read_manifest(str(dirs["shards"]))["codebook_size"]
-    set_models = over.get("train", {}).pop("model_overrides", {})
+    # model_overrides merge field by field (load_run_config): the run file's shape, --set's, the codebook
+    over.setdefault("train", {}).setdefault("model_overrides", {})["vocab_size"] = codebook
     run = over.setdefault("run", {})
     run.update(output=str(path), tokenizer=str(dirs["tokenizer"]), tracking_uri=uri, experiment="maskgil-quickstart",
                name=f"quickstart-{kind}", storage_path=str(path.parent / "ray_train"),
                tags={"mlflow.parentRunId": parent_id})
     over.setdefault("scaling", {}).setdefault("num_workers", args.num_workers)
     over.setdefault("train", {}).setdefault("seed", args.seed)
-    cfg = load_run_config(config, over)
-    # Key-wise, unlike the section merge: keep the run file's model shape, add --set's, then the codebook.
-    cfg["train"]["model_overrides"] = {**cfg["train"].get("model_overrides", {}), **set_models, "vocab_size": codebook}
-    return cfg
+    return load_run_config(config, over)
 
 
 def generator_settings(cfg: dict) -> dict:
