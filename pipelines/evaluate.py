@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python pipelines/evaluate.py` from a checkout
-from maskgil.cli import HelpFormatter  # noqa: E402
+from maskgil.cli import HelpFormatter, check_ranges  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.evaluation.generation import ModelPaths, SamplerSpec  # noqa: E402
 from maskgil.evaluation.run import DEFAULT_CACHE_DIR, EvalConfig, check_inputs, evaluate, format_result  # noqa: E402
@@ -116,12 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=1, help="CPUs reserved per actor")
     a = p.parse_args(argv)
 
-    for dest, lo in AT_LEAST.items():
-        value = getattr(a, dest)
-        if value is not None and not value >= lo:  # NaN fails too
-            p.error(f"--{dest.replace('_', '-')} must be >= {lo}, got {value}")
-    if not a.cpus_per_actor > 0:
-        p.error(f"--cpus-per-actor must be > 0, got {a.cpus_per_actor}")
+    check_ranges(p, a, AT_LEAST, ("cpus_per_actor",))
     # knobs of a sampler not chosen would be ignored without a word
     if a.ar_tokens is not None and a.sampler != "fusion":
         p.error(f"--ar-tokens is the AR share of --sampler fusion; --sampler {a.sampler} does not use it")

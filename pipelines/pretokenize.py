@@ -20,7 +20,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from maskgil.cli import HelpFormatter  # noqa: E402
+from maskgil.cli import HelpFormatter, check_ranges  # noqa: E402
 from maskgil.cluster import cluster_address, init_ray  # noqa: E402
 from maskgil.data.images import check_crop_range, parse_buckets  # noqa: E402
 from maskgil.data.pretokenize import PretokenizeConfig, format_summary, run_pretokenize  # noqa: E402
@@ -80,13 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_crop_range(args.crop_range)
     except ValueError as e:
         p.error(f"--crop-range: {e}")
-    for dest, lo in AT_LEAST.items():
-        value = getattr(args, dest)
-        if value is not None and not value >= lo:
-            p.error(f"--{dest.replace('_', '-')} must be >= {lo}, got {value}")
-    for dest in ABOVE_ZERO:
-        if not getattr(args, dest) > 0:
-            p.error(f"--{dest.replace('_', '-')} must be > 0, got {getattr(args, dest)}")
+    check_ranges(p, args, AT_LEAST, ABOVE_ZERO)
     return args
 
 

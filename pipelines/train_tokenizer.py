@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maskgil.cli import HelpFormatter  # noqa: E402
+from maskgil.cli import HelpFormatter, check_ranges  # noqa: E402
 from maskgil.cluster import check_worker_group_fits, cluster_address, init_ray  # noqa: E402
 from maskgil.precision import PRECISIONS  # noqa: E402
 from maskgil.tokenizers.presets import TOKENIZER_PRESETS, build_tokenizer, tokenizer_config  # noqa: E402
@@ -134,14 +134,7 @@ def parse_args(argv=None):
         p.error(f"--model-overrides: {e}")
     if args.shuffle_buffer < 0:
         p.error(f"--shuffle-buffer must be >= 0 (0: file order), got {args.shuffle_buffer}")
-    for dest, lo in AT_LEAST.items():
-        value = getattr(args, dest)
-        if value is not None and not value >= lo:  # NaN fails too
-            p.error(f"--{dest.replace('_', '-')} must be >= {lo}, got {value}")
-    for dest in ABOVE_ZERO:
-        value = getattr(args, dest)
-        if value is not None and not value > 0:
-            p.error(f"--{dest.replace('_', '-')} must be > 0, got {value}")
+    check_ranges(p, args, AT_LEAST, ABOVE_ZERO)
     if args.code_noise is not None and not 0 <= args.code_noise < 1:
         p.error(f"--code-noise is a probability in [0, 1), got {args.code_noise}")
     if args.ema_decay is not None and not args.ema_decay < 1:
